@@ -1,0 +1,15 @@
+"""moe-compress: prune Mixture-of-Experts checkpoints to the experts they use."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("moe-compress")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from compressor.errors import UserError  # noqa: E402
+from compressor.modeling import register_with_auto_classes  # noqa: E402
+
+register_with_auto_classes()
+
+__all__ = ["UserError", "__version__"]
