@@ -180,16 +180,13 @@ class DeepseekMoE(nn.Module):
         flat_idx = topk_idx.reshape(-1)
         order = torch.argsort(flat_idx, stable=True)
         counts = torch.bincount(flat_idx, minlength=self.n_routed_experts).tolist()
-        grouped_inputs = flat_hidden[order // k]
-        grouped_outputs = torch.empty_like(grouped_inputs)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                end = start + count
-                grouped_outputs[start:end] = self.experts[expert](grouped_inputs[start:end])
-                start = end
-        outputs = torch.empty_like(grouped_outputs)
-        outputs[order] = grouped_outputs
+        grouped_inputs = flat_hidden[order // k].split(counts)
+        grouped_outputs = torch.cat(
+            [self.experts[expert](inputs) for expert, inputs in enumerate(grouped_inputs) if inputs.shape[0]]
+        )
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        outputs = grouped_outputs[inverse]
         return outputs.view(tokens, k, -1)
 
     def forward(self, hidden_states):

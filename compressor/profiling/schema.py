@@ -1,0 +1,126 @@
+"""The profile file: per-domain routing statistics of one model (public, versioned JSON format)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compressor.errors import UserError
+
+PROFILE_FORMAT_VERSION = 1
+STATISTICS = ("selected", "top1", "gate_mass", "reap")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelIdentity(_Strict):
+    """Which model a profile (or plan) belongs to."""
+
+    source: str = Field(description="local path or Hub id as given")
+    revision: str | None = None
+    family: str
+    config_hash: str = Field(description="sha256 of the canonical JSON of the architecture keys of config.json")
+    moe_layers: list[int]
+    experts_per_layer: dict[str, int]
+    top_k: int
+
+
+class SourceDescription(_Strict):
+    kind: str
+    spec: str
+    content_hash: str | None = None
+    details: dict = Field(default_factory=dict)
+
+
+class LayerStatistics(_Strict):
+    """Per routed expert (index = expert id); only `selected` is required (e.g. imported counts)."""
+
+    selected: list[int]
+    top1: list[int] | None = None
+    gate_mass: list[float] | None = None
+    reap: list[float] | None = None
+    top1_routed_cosine_sum: float | None = Field(
+        None, description="sum over tokens of cos(top-1 expert's weighted output, full routed output)"
+    )
+    top1_layer_cosine_sum: float | None = Field(
+        None, description="sum over tokens of cos(layer output with top-1 routing, layer output with top-k routing)"
+    )
+    cosine_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self):
+        n = len(self.selected)
+        for name in ("top1", "gate_mass", "reap"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} entries but selected has {n}")
+        return self
+
+    def available(self) -> set[str]:
+        return {name for name in STATISTICS if getattr(self, name) is not None}
+
+
+class DomainProfile(_Strict):
+    tokens: int
+    sequences: int | None = None
+    source: SourceDescription
+    layers: dict[str, LayerStatistics]
+
+
+class ProfileSettings(_Strict):
+    max_tokens: int | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    layerwise: bool = False
+    world_size: int = 1
+
+
+class Profile(_Strict):
+    format_version: Literal[1] = PROFILE_FORMAT_VERSION
+    tool_version: str
+    model: ModelIdentity
+    settings: ProfileSettings
+    domains: dict[str, DomainProfile]
+
+    def statistics_available(self) -> set[str]:
+        """Statistics present in every layer of every domain."""
+        sets = [stats.available() for d in self.domains.values() for stats in d.layers.values()]
+        return set.intersection(*sets) if sets else set()
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        from compressor.io.atomic import write_text_atomic
+
+        write_text_atomic(Path(path), self.model_dump_json(indent=1, exclude_none=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"profile {path} does not exist") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"{path} is not a valid profile: {where}: {first['msg']}") from None
+        except ValueError as error:
+            raise UserError(f"{path} is not a valid profile: {error}") from None
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a model's architecture: config.json without bookkeeping keys that do not change the weights."""
+    ignored = {"transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map", "architectures",
+               "use_cache", "num_experts_per_tok"}
+    canonical = json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,468 @@
+"""compressor.families: family detection, tensor naming, pruned configs and in-memory layouts."""
+
+import copy
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2DecoderLayer
+
+from compressor.errors import UserError
+from compressor.families import RouterSpec, TensorRole, detect_family, get_family
+from compressor.io import CheckpointReader
+from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
+from compressor.modeling.modeling_deepseek import DeepseekDecoderLayer
+
+REFERENCE = Path("/work/shared/reference/deepseek-moe-16b-base")
+
+# deepseek-ai/deepseek-moe-16b-base config.json (the keys that matter), used when the reference copy is absent.
+DEEPSEEK_MOE_16B = {
+    "architectures": ["DeepseekForCausalLM"],
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 4096,
+    "model_type": "deepseek",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000,
+    "scoring_func": "softmax",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 102400,
+}
+
+# Shaped like deepseek-ai/DeepSeek-V2-Lite's config.json.
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": True,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "v_head_dim": 128,
+    "vocab_size": 102400,
+}
+
+# Shaped like deepseek-ai/DeepSeek-V2's config.json: grouped routing.
+V2_GROUPED = {
+    **V2_LITE,
+    "hidden_size": 5120,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_hidden_layers": 60,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 160,
+    "n_group": 8,
+    "topk_group": 3,
+    "topk_method": "group_limited_greedy",
+    "routed_scaling_factor": 16.0,
+    "q_lora_rank": 1536,
+}
+
+
+@pytest.fixture(scope="module")
+def moe16b_config():
+    path = REFERENCE / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else dict(DEEPSEEK_MOE_16B)
+
+
+@pytest.fixture(scope="module")
+def moe16b_names():
+    path = REFERENCE / "model.safetensors.index.json"
+    if not path.is_file():
+        pytest.skip(f"reference weight map {path} not available")
+    return sorted(json.loads(path.read_text())["weight_map"])
+
+
+# -- detection ------------------------------------------------------------------------------------
+
+
+def test_detects_deepseek_moe_16b(moe16b_config):
+    family = detect_family(moe16b_config)
+    assert family.name == "deepseek_moe" and family.model_types == ("deepseek",)
+    assert family is get_family("deepseek_moe") is get_family("deepseek")
+    assert family.num_layers(moe16b_config) == 28
+    assert family.moe_layers(moe16b_config) == list(range(1, 28))
+    assert all(family.num_experts(moe16b_config, layer) == 64 for layer in range(1, 28))
+    assert family.top_k(moe16b_config) == 6
+    assert (family.expert_count_key, family.top_k_key) == ("n_routed_experts", "num_experts_per_tok")
+    assert family.router(moe16b_config) == RouterSpec(
+        scoring="softmax", top_k=6, renormalize=False, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, has_bias=False,
+    )
+    with pytest.raises(UserError, match="layer 0 is not an MoE layer"):
+        family.num_experts(moe16b_config, 0)
+
+
+def test_detects_deepseek_v2_lite():
+    family = detect_family(V2_LITE)
+    assert family.name == "deepseek_v2" and family.model_types == ("deepseek_v2",)
+    assert family.moe_layers(V2_LITE) == list(range(1, 27))
+    assert family.num_experts(V2_LITE, 26) == 64 and family.top_k(V2_LITE) == 6
+    spec = family.router(V2_LITE)
+    assert (spec.scoring, spec.topk_method, spec.n_group, spec.topk_group) == ("softmax", "greedy", 1, 1)
+    assert not spec.grouped and not spec.has_bias and not spec.renormalize
+    assert family.router_tensor_names(V2_LITE, 1) == ["model.layers.1.mlp.gate.weight"]
+    assert family.shared_expert_tensor_names(V2_LITE, 1) == [
+        f"model.layers.1.mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")
+    ]
+
+
+def test_detects_grouped_deepseek_v2():
+    family = detect_family(V2_GROUPED)
+    assert family.name == "deepseek_v2"
+    assert family.moe_layers(V2_GROUPED) == list(range(1, 60))
+    spec = family.router(V2_GROUPED)
+    assert spec.topk_method == "group_limited_greedy" and spec.grouped
+    assert (spec.n_group, spec.topk_group, spec.routed_scaling_factor) == (8, 3, 16.0)
+
+
+def test_unknown_model_type_lists_supported_families():
+    with pytest.raises(UserError, match=r"unsupported model: model_type 'llama'.*deepseek_moe.*deepseek_v2") as err:
+        detect_family({"model_type": "llama"})
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="without model_type.*deepseek_moe"):
+        detect_family({})
+    with pytest.raises(UserError, match="unknown model family 'mixtral'.*deepseek_v2"):
+        get_family("mixtral")
+
+
+# -- tensor naming against the real 16B weight map ------------------------------------------------------
+
+
+def test_naming_agrees_with_the_real_16b_weight_map(moe16b_config, moe16b_names):
+    family = detect_family(moe16b_config)
+    assert len(moe16b_names) == 5466
+    names = set(moe16b_names)
+    roles = {name: family.classify(name) for name in moe16b_names}
+    kinds = Counter(role.kind for role in roles.values())
+    # 27 MoE layers x (64 experts x 3 + 1 router + 3 shared); 9 tensors in dense layer 0, 6 others per MoE
+    # layer, and embed/norm/lm_head.
+    assert kinds == {"expert": 27 * 64 * 3, "router": 27, "shared_expert": 27 * 3, "other": 9 + 27 * 6 + 3}
+
+    experts_per_layer = defaultdict(set)
+    for name, role in roles.items():
+        if role.kind == "expert":
+            experts_per_layer[role.layer].add(role.expert)
+            assert family.expert_tensor_name(role.layer, role.expert, role.suffix) == name
+    assert sorted(experts_per_layer) == family.moe_layers(moe16b_config)
+    assert all(experts == set(range(64)) for experts in experts_per_layer.values())
+
+    for layer in family.moe_layers(moe16b_config):
+        prefix = family.layer_prefix(layer)
+        assert prefix == f"model.layers.{layer}."
+        in_layer = {n for n in names if n.startswith(prefix)}
+        expert_names = set()
+        for expert in range(family.num_experts(moe16b_config, layer)):
+            tensors = family.expert_tensor_names(moe16b_config, layer, expert)
+            assert len(tensors) == 3 and set(tensors) <= names
+            assert all(roles[t] == TensorRole("expert", layer, expert, t.split(".", 6)[-1]) for t in tensors)
+            expert_names.update(tensors)
+        assert {n for n in in_layer if ".mlp.experts." in n} == expert_names
+        router = family.router_tensor_names(moe16b_config, layer)
+        assert router == [f"{prefix}mlp.gate.weight"]
+        assert roles[router[0]] == TensorRole("router", layer, None, "weight")
+        shared = family.shared_expert_tensor_names(moe16b_config, layer)
+        assert set(shared) == {n for n in in_layer if ".shared_experts." in n} and len(shared) == 3
+        assert all(roles[s].kind == "shared_expert" and roles[s].layer == layer for s in shared)
+
+    dense = [n for n in names if n.startswith("model.layers.0.")]
+    assert {roles[n].kind for n in dense} == {"other"}
+    assert roles["model.layers.0.mlp.gate_proj.weight"] == TensorRole("other", 0, None, "mlp.gate_proj.weight")
+    assert set(family.non_layer_tensor_names(moe16b_config)) == {n for n in names if not n.startswith("model.layers.")}
+    assert roles["lm_head.weight"] == TensorRole("other", None, None, "lm_head.weight")
+    assert family.expected_tensor_names(moe16b_config) <= names
+    family.validate_checkpoint(moe16b_config, names)
+    with pytest.raises(UserError, match="missing model.layers.5.mlp.experts.63.down_proj.weight"):
+        family.validate_checkpoint(moe16b_config, names - {"model.layers.5.mlp.experts.63.down_proj.weight"})
+    with pytest.raises(UserError, match="no expert for"):
+        family.validate_checkpoint(moe16b_config, names | {"model.layers.5.mlp.experts.64.down_proj.weight"})
+
+
+# -- pruned configs -------------------------------------------------------------------------------------
+
+
+def _keep(config, family, count_for_layer):
+    return {layer: list(range(count_for_layer(layer))) for layer in family.moe_layers(config)}
+
+
+def test_deepseek_moe_pruned_config_uniform(moe16b_config):
+    family = detect_family(moe16b_config)
+    kept = {layer: list(range(0, 64, 4)) for layer in range(1, 28)}  # 16 per layer
+    original = copy.deepcopy(moe16b_config)
+    new = family.pruned_config(moe16b_config, kept, top_k=1)
+    assert moe16b_config == original  # input untouched
+    assert new["n_routed_experts"] == 16 and new["num_experts_per_tok"] == 1
+    assert "n_routed_experts_per_layer" not in new
+    assert {k: v for k, v in new.items() if k not in ("n_routed_experts", "num_experts_per_tok")} == {
+        k: v for k, v in original.items() if k not in ("n_routed_experts", "num_experts_per_tok")
+    }
+    config = family.build_config(new)
+    assert isinstance(config, DeepseekConfig)
+    assert [config.routed_experts_in_layer(layer) for layer in range(1, 28)] == [16] * 27
+    assert family.num_experts(new, 7) == 16 and family.top_k(new) == 1
+    assert family.native_transformers_support(moe16b_config, kept, 1) == (
+        "transformers has no native deepseek (v1) model; the output ships moe-compress's modeling file"
+    )
+
+
+def test_deepseek_moe_pruned_config_per_layer(moe16b_config):
+    family = detect_family(moe16b_config)
+    counts = {layer: 32 if layer < 10 else (24 if layer % 2 else 40) for layer in range(1, 28)}
+    kept = {layer: sorted(range(64), key=lambda e: (e * 7919) % 64)[:count] for layer, count in counts.items()}
+    new = family.pruned_config(moe16b_config, kept, top_k=2)
+    assert new["n_routed_experts"] == 40 and new["num_experts_per_tok"] == 2
+    assert new["n_routed_experts_per_layer"] == {str(l): c for l, c in counts.items() if c != 40}
+    config = family.build_config(new)
+    assert [config.routed_experts_in_layer(layer) for layer in range(1, 28)] == [counts[l] for l in range(1, 28)]
+    assert [family.num_experts(new, layer) for layer in range(1, 28)] == [counts[l] for l in range(1, 28)]
+    # Re-pruning a per-layer checkpoint back to uniform drops the per-layer key.
+    again = family.pruned_config(new, {layer: [0, 1, 2] for layer in range(1, 28)}, top_k=1)
+    assert again["n_routed_experts"] == 3 and "n_routed_experts_per_layer" not in again
+
+
+def test_per_layer_pruned_config_builds_a_model():
+    family = get_family("deepseek_moe")
+    config = dict(model_type="deepseek", vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                  num_hidden_layers=4, num_attention_heads=2, n_routed_experts=6, num_experts_per_tok=2,
+                  n_shared_experts=1, first_k_dense_replace=1)
+    new = family.pruned_config(config, {1: [5, 0], 2: [1, 2, 3], 3: [4]}, top_k=1)
+    model = DeepseekForCausalLM(family.build_config(new))
+    assert [len(model.model.layers[i].mlp.experts) for i in (1, 2, 3)] == [2, 3, 1]
+    assert model.model.layers[1].mlp.gate.weight.shape == (2, 16)
+
+
+def test_keep_plan_validation(moe16b_config):
+    family = detect_family(moe16b_config)
+    full = {layer: list(range(8)) for layer in range(1, 28)}
+    with pytest.raises(UserError, match="no entry for MoE layers 3-4, 27"):
+        family.pruned_config(moe16b_config, {k: v for k, v in full.items() if k not in (3, 4, 27)}, 1)
+    with pytest.raises(UserError, match="layer 0, which is not an MoE layer"):
+        family.pruned_config(moe16b_config, {**full, 0: [1]}, 1)
+    with pytest.raises(UserError, match="lists an expert twice"):
+        family.pruned_config(moe16b_config, {**full, 5: [1, 1]}, 1)
+    with pytest.raises(UserError, match="experts 0..63, not 64"):
+        family.pruned_config(moe16b_config, {**full, 5: [64]}, 1)
+    with pytest.raises(UserError, match="at least one expert"):
+        family.pruned_config(moe16b_config, {**full, 5: []}, 1)
+    with pytest.raises(UserError, match="top_k=3 exceeds the 2 experts kept in layer 9"):
+        family.pruned_config(moe16b_config, {**full, 9: [0, 1]}, 3)
+    assert family.pruned_config(moe16b_config, {str(k): v for k, v in full.items()}, 8)["n_routed_experts"] == 8
+
+
+def test_deepseek_v2_pruned_config_needs_uniform_counts():
+    family = detect_family(V2_LITE)
+    uniform = {layer: list(range(0, 64, 2)) for layer in range(1, 27)}
+    new = family.pruned_config(V2_LITE, uniform, top_k=1)
+    assert new["n_routed_experts"] == 32 and new["num_experts_per_tok"] == 1
+    assert family.build_config(new).num_experts == 32
+    assert family.native_transformers_support(V2_LITE, uniform, 1) is None
+    ragged = {**uniform, 4: list(range(16))}
+    with pytest.raises(UserError, match="DeepSeek-V2 in transformers needs the same expert count in every layer"):
+        family.pruned_config(V2_LITE, ragged, top_k=1)
+    assert "same expert count" in family.native_transformers_support(V2_LITE, ragged, 1)
+
+
+def test_deepseek_v2_grouped_router_constraints():
+    family = detect_family(V2_GROUPED)
+    layers = family.moe_layers(V2_GROUPED)
+    # 160 experts in 8 groups of 20. Keep 4 per group: 32, grouped by construction.
+    balanced = {layer: [g * 20 + j for g in range(8) for j in (0, 3, 7, 19)] for layer in layers}
+    new = family.pruned_config(V2_GROUPED, balanced, top_k=6)
+    assert new["n_routed_experts"] == 32 and new["n_group"] == 8 and new["topk_group"] == 3
+    assert new["topk_method"] == "group_limited_greedy" and new["routed_scaling_factor"] == 16.0
+    assert family.native_transformers_support(V2_GROUPED, balanced, 6) is None
+
+    not_divisible = {layer: list(range(30)) for layer in layers}
+    with pytest.raises(UserError, match=r"divisible by n_group=8.*topk_method: greedy, n_group: 1, topk_group: 1"):
+        family.pruned_config(V2_GROUPED, not_divisible, top_k=6)
+    unbalanced = {layer: list(range(32)) for layer in layers}  # groups 0 and 1 full, the rest empty
+    with pytest.raises(UserError, match=r"every group must keep the same number of experts \(4\).*ungroup=True"):
+        family.pruned_config(V2_GROUPED, unbalanced, top_k=6)
+    shuffled = {layer: list(reversed(experts)) for layer, experts in balanced.items()}
+    shuffled[1] = [e for pair in zip(balanced[1][:16], balanced[1][16:]) for e in pair]
+    with pytest.raises(UserError, match="group by group"):
+        family.pruned_config(V2_GROUPED, shuffled, top_k=6)
+    one_per_group = {layer: [g * 20 for g in range(8)] for layer in layers}
+    with pytest.raises(UserError, match="top_k=6 exceeds the 3 experts left in 3 groups"):
+        family.pruned_config(V2_GROUPED, one_per_group, top_k=6)
+    assert "divisible" in family.native_transformers_support(V2_GROUPED, not_divisible, 6)
+
+    ungrouped = family.pruned_config(V2_GROUPED, unbalanced, top_k=1, ungroup=True)
+    assert (ungrouped["topk_method"], ungrouped["n_group"], ungrouped["topk_group"]) == ("greedy", 1, 1)
+    assert ungrouped["n_routed_experts"] == 32 and ungrouped["num_experts_per_tok"] == 1
+    assert not family.router(ungrouped).grouped
+    assert family.native_transformers_support(V2_GROUPED, unbalanced, 1, ungroup=True) is None
+
+
+# -- in-memory layouts ----------------------------------------------------------------------------------
+
+V2_TINY = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
+    v_head_dim=8, n_group=4, topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=2.0,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def v2_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = DeepseekV2Config(**V2_TINY)
+    config._attn_implementation = "eager"
+    model = DeepseekV2ForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("v2")
+    model.save_pretrained(path, max_shard_size="12KB")  # transformers 5 writes per-expert tensors on disk
+    return model, path
+
+
+def _layer_tensors(reader, family, layer):
+    prefix = family.layer_prefix(layer)
+    return {name: reader.get(name) for name in reader.names() if name.startswith(prefix)}
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_deepseek_v2_layer_state_dict_loads_and_matches(v2_checkpoint, layer):
+    model, path = v2_checkpoint
+    reader = CheckpointReader(path)
+    family = detect_family(reader.config)
+    assert family.name == "deepseek_v2"
+    family.validate_checkpoint(reader.config, reader.names())
+    tensors = _layer_tensors(reader, family, layer)
+    if layer >= 1:
+        assert sum(family.classify(n).kind == "expert" for n in tensors) == 8 * 3
+    state = family.layer_state_dict(reader.config, layer, tensors)
+
+    config = family.build_config(reader.config)
+    config._attn_implementation = "eager"
+    fresh = DeepseekV2DecoderLayer(config, layer).eval()
+    fresh.load_state_dict(state, strict=True)
+    original = model.get_submodule(family.layer_module_name(layer))
+    for key, value in original.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    torch.manual_seed(layer)
+    hidden = torch.randn(2, 5, 32)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    with torch.no_grad():
+        expected = original(hidden, position_embeddings=position_embeddings)
+        got = fresh(hidden, position_embeddings=position_embeddings)
+    assert torch.equal(got, expected)
+
+    # The inverse mapping gives back the on-disk tensors.
+    disk = family.layer_disk_tensors(reader.config, layer, fresh.state_dict())
+    assert disk.keys() == tensors.keys()
+    assert all(torch.equal(disk[name], tensors[name]) for name in tensors)
+
+
+def test_deepseek_v2_fused_layout_matches_transformers_at_full_size():
+    """On the meta device: V2-Lite's real layer module keys and shapes round-trip through the on-disk names."""
+    family = detect_family(V2_LITE)
+    with torch.device("meta"):
+        model = family.model_class(V2_LITE)(family.build_config(V2_LITE))
+    layer_module = model.get_submodule(family.layer_module_name(1))
+    state = layer_module.state_dict()
+    assert state["mlp.experts.gate_up_proj"].shape == (64, 2 * 1408, 2048)
+    disk = family.layer_disk_tensors(V2_LITE, 1, state)
+    expected = set(family.router_tensor_names(V2_LITE, 1)) | set(family.shared_expert_tensor_names(V2_LITE, 1))
+    for expert in range(64):
+        expected.update(family.expert_tensor_names(V2_LITE, 1, expert))
+    assert expected <= disk.keys()
+    assert disk["model.layers.1.mlp.experts.5.gate_proj.weight"].shape == (1408, 2048)
+    assert disk["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (2048, 1408)
+    back = family.layer_state_dict(V2_LITE, 1, disk)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
+    assert set(family.non_layer_tensor_names(V2_LITE)) <= set(model.state_dict())
+
+
+def test_deepseek_v2_layer_state_dict_rejects_missing_experts(v2_checkpoint):
+    _, path = v2_checkpoint
+    reader = CheckpointReader(path)
+    family = detect_family(reader.config)
+    tensors = _layer_tensors(reader, family, 1)
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    with pytest.raises(UserError, match="up_proj tensors do not match \\(expert 3\\)"):
+        family.layer_state_dict(reader.config, 1, tensors)
+
+
+def test_deepseek_moe_layer_state_dict_is_identity(tmp_path):
+    family = get_family("deepseek_moe")
+    torch.manual_seed(0)
+    config = DeepseekConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                            n_shared_experts=1, first_k_dense_replace=1)
+    model = DeepseekForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    reader = CheckpointReader(tmp_path)
+    assert detect_family(reader.config) is family
+    family.validate_checkpoint(reader.config, reader.names())
+    assert family.model_class(reader.config) is DeepseekForCausalLM
+    tensors = _layer_tensors(reader, family, 1)
+    state = family.layer_state_dict(reader.config, 1, tensors)
+    assert set(state) == {n[len("model.layers.1."):] for n in tensors}
+    fresh = DeepseekDecoderLayer(family.build_config(reader.config), 1).eval()
+    fresh.load_state_dict(state, strict=True)
+    hidden = torch.randn(1, 4, 16)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    with torch.no_grad():
+        expected = model.model.layers[1](hidden, position_embeddings, None)
+        assert torch.equal(fresh(hidden, position_embeddings, None), expected)
+    assert family.layer_disk_tensors(reader.config, 1, state).keys() == tensors.keys()
+    with pytest.raises(ValueError, match="does not belong to decoder layer 0"):
+        family.layer_state_dict(reader.config, 0, tensors)
