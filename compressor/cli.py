@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -14,6 +15,32 @@ from compressor.errors import UserError
 @click.version_option(__version__, prog_name="moe-compress")
 def cli() -> None:
     """Make Mixture-of-Experts models smaller: profile, plan, export, validate, push."""
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
+def report(files, output):
+    """Figures and a summary of a PROFILE.json (routing heatmaps, top-expert share, coverage)."""
+    from compressor.profiling.report import write_profile_report
+    from compressor.profiling.schema import Profile
+
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output} exists and is not a directory")
+    for path in files:
+        summary = write_profile_report(Profile.load(path), output)
+        click.echo(f"wrote {summary} and figures in {output}")
+
+
+def _register_commands() -> None:
+    from compressor.data.cli import data
+    from compressor.profiling.cli import profile
+
+    cli.add_command(data)
+    cli.add_command(profile)
+
+
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -290,6 +290,19 @@ class FamilyAdapter(ABC):
         self, config: Mapping, layer: int, state: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Inverse of `layer_state_dict`: a decoder layer's state_dict -> on-disk names and tensors."""
+
+    def attach_routing_observer(self, decoder_layer: torch.nn.Module, callback) -> Callable[[], None]:
+        """Call `callback` on every forward of the layer's MoE block with keyword arguments
+        hidden_states, scores, topk_idx, topk_weight (slot 0 = highest weight), expert_outputs
+        ([tokens, k, hidden], unweighted), routed_output and shared_output; returns a function that detaches it."""
+        raise UserError(f"routing statistics are not implemented for the {self.name} family yet")
+
+    embedding_tensor_name: ClassVar[str] = "model.embed_tokens.weight"
+
+    def run_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
+        """Run one decoder layer of `model` (built by `model_class`) on `hidden_states` [batch, seq, hidden]
+        with a [batch, seq] padding mask (or None), as the full model's forward would; returns its output."""
+        raise UserError(f"layer-by-layer execution is not implemented for the {self.name} family yet")
 
     def non_layer_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map non-layer on-disk tensors to state_dict keys of the full model (identity for these families)."""

@@ -80,6 +80,26 @@ class DeepseekMoEFamily(FamilyAdapter):
     def layer_state_dict(self, config, layer, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._strip_layer_prefix(layer, tensors)
 
+    def attach_routing_observer(self, decoder_layer, callback):
+        block = decoder_layer.mlp
+        if getattr(block, "observer", False) is not None:
+            raise RuntimeError("this MoE block already has an observer attached")
+        block.observer = callback
+
+        def detach():
+            block.observer = None
+
+        return detach
+
+    def run_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
+        from compressor.modeling.modeling_deepseek import _attention_mask
+
+        batch, seq_len, _ = hidden_states.shape
+        positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
+        position_embeddings = model.model.rotary_emb(hidden_states, positions)
+        mask = _attention_mask(attention_mask, batch, seq_len, 0, hidden_states.device)
+        return decoder_layer(hidden_states, position_embeddings, mask, None)
+
     def layer_disk_tensors(self, config, layer, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = self.layer_prefix(layer)
         return {prefix + key: tensor for key, tensor in state.items()}

@@ -1,0 +1,270 @@
+"""Run calibration data through a model and collect per-domain routing statistics."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from compressor import __version__
+from compressor.data.batching import Batch, batches, token_sequences
+from compressor.data.sources import LoadedSource, load_source
+from compressor.errors import UserError
+from compressor.families import detect_family
+from compressor.io import CheckpointReader
+from compressor.io.resolve import resolve_model
+from compressor.profiling.collector import RoutingCollector
+from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ProfileOptions:
+    max_tokens: int | None = 65536
+    seq_len: int = 512
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    layerwise: bool = False
+    text_field: str = "text"
+    revision: str | None = None
+    activation_budget_bytes: int = 2 * 2**30
+    progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UserError(f"--device must be cpu, cuda or auto, not {device!r}")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or None when the checkpoint has no tokenizer files."""
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class _Distributed:
+    """Rank/world of a torch.distributed run (torchrun / accelerate launch), or a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    def mine(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
+        if self.world > 1:
+            for tensor in tensors:
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+class _ActivationStore:
+    """Hidden states of every batch between layers: in RAM up to a budget, then spilled to disk."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.items: list[torch.Tensor | Path] = []
+        self.in_memory = 0
+        self._dir = None
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        while len(self.items) <= index:
+            self.items.append(None)
+        old = self.items[index]
+        if isinstance(old, torch.Tensor):
+            self.in_memory -= old.numel() * old.element_size()
+        if self.in_memory + nbytes <= self.budget:
+            self.items[index] = tensor
+            self.in_memory += nbytes
+        else:
+            if self._dir is None:
+                self._dir = tempfile.TemporaryDirectory(prefix="moe-compress-activations-")
+            path = Path(self._dir.name) / f"{index}.pt"
+            torch.save(tensor.cpu(), path)
+            self.items[index] = path
+
+    def get(self, index: int, device) -> torch.Tensor:
+        item = self.items[index]
+        return item if isinstance(item, torch.Tensor) else torch.load(item, map_location=device)
+
+    def close(self):
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+def profile_model(model: str, sources: dict[str, str], options: ProfileOptions | None = None) -> Profile:
+    """Profile `model` (local dir or Hub id) on named SOURCEs; returns the Profile (not written)."""
+    options = options or ProfileOptions()
+    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
+    model_dir, revision = resolve_model(model, options.revision)
+    reader = CheckpointReader(model_dir)
+    config = reader.config
+    family = detect_family(config)
+    family.validate_checkpoint(config, reader.names())
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and options.seq_len > max_positions:
+        raise UserError(f"--seq-len {options.seq_len} exceeds the model's context ({max_positions} positions)")
+
+    loaded = {name: load_source(spec, default_split="calibration", text_field=options.text_field)
+              for name, spec in sources.items()}
+    tokenizer = None
+    if any(not source.pretokenized for source in loaded.values()):
+        tokenizer = load_tokenizer(model_dir)
+    vocab = int(config["vocab_size"])
+    domain_sequences = {}
+    for name, source in loaded.items():
+        sequences = token_sequences(source, tokenizer, options.seq_len, options.max_tokens)
+        if not sequences or not any(sequences):
+            raise UserError(f"domain {name!r} has no tokens after tokenization")
+        too_big = max(max(row) for row in sequences if row)
+        if too_big >= vocab:
+            raise UserError(f"domain {name!r} has token id {too_big}, outside the model's vocabulary of {vocab}")
+        domain_sequences[name] = sequences
+
+    dist = _Distributed()
+    pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
+    run = _run_layerwise if options.layerwise else _run_whole_model
+    domains = run(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id)
+    reader.close()
+    identity = ModelIdentity(
+        source=model,
+        revision=revision,
+        family=family.name,
+        config_hash=config_hash(config),
+        moe_layers=family.moe_layers(config),
+        experts_per_layer={str(layer): family.num_experts(config, layer) for layer in family.moe_layers(config)},
+        top_k=family.top_k(config),
+    )
+    settings = ProfileSettings(
+        max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
+        dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=options.layerwise,
+        world_size=dist.world,
+    )
+    return Profile(tool_version=__version__, model=identity, settings=settings, domains=domains)
+
+
+def _domain_profile(collector: RoutingCollector, tokens: int, sequences: int, source: LoadedSource) -> DomainProfile:
+    return DomainProfile(
+        tokens=tokens, sequences=sequences, source=SourceDescription(**source.description()),
+        layers=collector.statistics(),
+    )
+
+
+def _progress(name, total, options, dist):
+    return tqdm(total=total, desc=f"profile {name}", unit="tok", unit_scale=True,
+                disable=not options.progress or dist.rank != 0, dynamic_ncols=True)
+
+
+def _reduce_domain(collector, tokens, dist):
+    counter = torch.tensor([float(tokens)], dtype=torch.float64)
+    dist.all_reduce([t for acc in collector.layers.values() for t in acc.tensors()] + [counter])
+    return int(round(float(counter)))
+
+
+def _run_whole_model(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id):
+    model_class = family.model_class(config)
+    model = model_class.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    domains = {}
+    for name, sequences in domain_sequences.items():
+        collector = RoutingCollector(family, config, device)
+        collector.attach(model)
+        tokens = 0
+        total = sum(len(s) for s in sequences)
+        with _progress(name, total, options, dist) as bar, torch.no_grad():
+            for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
+                if not dist.mine(index):
+                    bar.update(batch.tokens)
+                    continue
+                batch = Batch(batch.input_ids.to(device),
+                              None if batch.attention_mask is None else batch.attention_mask.to(device))
+                collector.valid = batch.valid()
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                tokens += batch.tokens
+                bar.update(batch.tokens)
+        collector.detach()
+        tokens = _reduce_domain(collector, tokens, dist)
+        domains[name] = _domain_profile(collector, tokens, len(sequences), loaded[name])
+    return domains
+
+
+def _run_layerwise(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id):
+    """One decoder layer in memory at a time; every batch of every domain passes through it before the next."""
+    config_object = family.build_config(config)
+    with torch.device("meta"):
+        model = family.model_class(config)(config_object)
+    model.eval()
+    embedding = reader.get(family.embedding_tensor_name).to(device=device, dtype=dtype)
+    work = []  # (domain, Batch) for the batches this rank runs
+    for name, sequences in domain_sequences.items():
+        for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
+            if dist.mine(index):
+                work.append((name, batch))
+    store = _ActivationStore(options.activation_budget_bytes)
+    for i, (_, batch) in enumerate(work):
+        store.put(i, torch.nn.functional.embedding(batch.input_ids.to(device), embedding))
+    del embedding
+    collectors = {name: RoutingCollector(family, config, device) for name in domain_sequences}
+    moe_layers = set(family.moe_layers(config))
+    names = reader.names()
+    try:
+        bar = tqdm(total=family.num_layers(config), desc="profile (layer by layer)", unit="layer",
+                   disable=not options.progress or dist.rank != 0, dynamic_ncols=True)
+        for layer in range(family.num_layers(config)):
+            module = model.get_submodule(family.layer_module_name(layer))
+            prefix = family.layer_prefix(layer)
+            tensors = {n: reader.get(n) for n in names if n.startswith(prefix)}
+            module.to_empty(device=device)
+            module.load_state_dict(family.layer_state_dict(config, layer, tensors), strict=True)
+            module.to(dtype)
+            del tensors
+            detachers = {}
+            with torch.no_grad():
+                for i, (name, batch) in enumerate(work):
+                    if layer in moe_layers and name not in detachers:
+                        for other in list(detachers):
+                            detachers.pop(other)()
+                        collector = collectors[name]
+                        detachers[name] = collector.attach_layer(module, collector.layers[layer])
+                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+                    if layer in moe_layers:
+                        collectors[name].valid = batch.valid().to(device)
+                    hidden = store.get(i, device)
+                    store.put(i, family.run_decoder_layer(model, module, hidden, mask))
+            for detach in detachers.values():
+                detach()
+            module.to("meta")
+            bar.update(1)
+        bar.close()
+    finally:
+        store.close()
+    domains = {}
+    for name, sequences in domain_sequences.items():
+        tokens = sum(batch.tokens for domain, batch in work if domain == name)
+        tokens = _reduce_domain(collectors[name], tokens, dist)
+        domains[name] = _domain_profile(collectors[name], tokens, len(sequences), loaded[name])
+    return domains
