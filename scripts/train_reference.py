@@ -294,6 +294,9 @@ def main(argv=None) -> int:
         losses.append(loss.item())
         if step % 10 == 0:
             progress.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        if progress.disable and (step + 1) % 100 == 0:
+            print(f"step {step + 1}/{args.steps}  loss {sum(losses[-100:]) / 100:.3f}  "
+                  f"{time.time() - train_start:.0f}s", file=sys.stderr, flush=True)
     train_seconds = time.time() - train_start
 
     args.out.mkdir(parents=True, exist_ok=True)

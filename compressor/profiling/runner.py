@@ -121,6 +121,8 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     """Profile `model` (local dir or Hub id) on named SOURCEs; returns the Profile (not written)."""
     options = options or ProfileOptions()
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
+    loaded = {name: load_source(spec, default_split="calibration", text_field=options.text_field)
+              for name, spec in sources.items()}
     model_dir, revision = resolve_model(model, options.revision)
     reader = CheckpointReader(model_dir)
     config = reader.config
@@ -129,9 +131,6 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     max_positions = config.get("max_position_embeddings")
     if max_positions and options.seq_len > max_positions:
         raise UserError(f"--seq-len {options.seq_len} exceeds the model's context ({max_positions} positions)")
-
-    loaded = {name: load_source(spec, default_split="calibration", text_field=options.text_field)
-              for name, spec in sources.items()}
     tokenizer = None
     if any(not source.pretokenized for source in loaded.values()):
         tokenizer = load_tokenizer(model_dir)

@@ -1,0 +1,36 @@
+"""`moe-compress data fetch|list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compressor.data.demo import DEMO_DOMAINS, SPLITS, describe_domain, fetch_sources
+
+
+@click.group()
+def data() -> None:
+    """The demo domains: fetch their sources, list them."""
+
+
+@data.command()
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="where to unpack (default: $MOE_COMPRESS_SOURCES or ~/.cache/moe-compress/sources)")
+def fetch(directory):
+    """Unpack the Debian packages that hold demo texts (apt-get download + dpkg-deb, no system install)."""
+    click.echo(f"demo sources are in {fetch_sources(directory)}")
+
+
+@data.command("list")
+def list_domains():
+    """Each demo domain: availability, source, license, documents per split."""
+    header = f"{'domain':9} {'available':9} " + " ".join(f"{s:>11}" for s in SPLITS) + "  source (license)"
+    click.echo(header)
+    for name in DEMO_DOMAINS:
+        info = describe_domain(name)
+        counts = info.get("documents", {})
+        cells = " ".join(f"{counts.get(s, '-'):>11}" for s in SPLITS)
+        click.echo(f"{name:9} {'yes' if info['available'] else 'no':9} {cells}  {info['source']} ({info['license']})")
+        if not info["available"]:
+            click.echo(f"{'':9} {info['problem']}")
