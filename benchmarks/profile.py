@@ -1,0 +1,125 @@
+"""Profiling overhead and memory: tokens/s of profiling vs a plain forward, peak RSS whole vs --layerwise.
+
+    python benchmarks/profile.py                 # reference model + a generated 16B-width checkpoint
+    python benchmarks/profile.py --skip-16b      # reference model only
+
+(a) the shipped reference model on demo calibration text; (b) a random checkpoint with DeepSeekMoE-16B's
+real widths (hidden 2048, 64 experts x 1408, 2 shared, vocab 102400) and 3 layers, on random token ids.
+Target: profiling tokens/s >= 0.9 x plain forward on the same model and batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def forward_seconds(model, batches, collector=None, repeats=3) -> float:
+    """Best-of-`repeats` wall time of running every batch through `model` (with the collector attached if given)."""
+    if collector is not None:
+        collector.attach(model)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                if collector is not None:
+                    collector.valid = batch.valid()
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            best = min(best, time.perf_counter() - start)
+    if collector is not None:
+        collector.detach()
+    return best
+
+
+def overhead(model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batch_size: int) -> dict:
+    from compressor.data.batching import batches, token_sequences
+    from compressor.data.sources import load_source
+    from compressor.families import detect_family
+    from compressor.io import CheckpointReader
+    from compressor.profiling.collector import RoutingCollector
+    from compressor.profiling.runner import load_tokenizer
+
+    config = CheckpointReader(model_dir).config
+    family = detect_family(config)
+    tokenizer = load_tokenizer(model_dir)
+    all_batches = []
+    for spec in sources.values():
+        sequences = token_sequences(load_source(spec), tokenizer, seq_len, max_tokens)
+        all_batches += list(batches(sequences, batch_size))
+    tokens = sum(b.tokens for b in all_batches)
+    model = family.model_class(config).from_pretrained(model_dir, dtype=torch.float32).eval()
+    plain = forward_seconds(model, all_batches)
+    profiled = forward_seconds(model, all_batches, RoutingCollector(family, config))
+    return {"tokens": tokens, "plain_tokens_per_s": tokens / plain, "profile_tokens_per_s": tokens / profiled,
+            "ratio": plain / profiled}
+
+
+def peak_rss(model_dir: Path, sources: dict, layerwise: bool, seq_len: int, max_tokens: int, batch_size: int) -> dict:
+    """Run `profile_model` in a fresh process; its peak RSS and wall time."""
+    code = f"""
+import json, resource, sys, time
+from compressor.profiling.runner import ProfileOptions, profile_model
+start = time.perf_counter()
+profile_model({str(model_dir)!r}, {sources!r}, ProfileOptions(max_tokens={max_tokens}, seq_len={seq_len},
+              batch_size={batch_size}, layerwise={layerwise}, progress=False))
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(title: str, model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batch_size: int) -> None:
+    print(f"\n## {title}")
+    o = overhead(model_dir, sources, seq_len, max_tokens, batch_size)
+    print(f"tokens per pass: {o['tokens']}")
+    print(f"plain forward:   {o['plain_tokens_per_s']:10.0f} tokens/s")
+    print(f"profiling:       {o['profile_tokens_per_s']:10.0f} tokens/s")
+    print(f"ratio profiling / plain forward: {o['ratio']:.3f}  (target >= 0.9)")
+    whole = peak_rss(model_dir, sources, False, seq_len, max_tokens, batch_size)
+    layerwise = peak_rss(model_dir, sources, True, seq_len, max_tokens, batch_size)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    print(f"checkpoint size: {size:.0f} MiB")
+    print(f"peak RSS whole model: {whole['peak_rss_mib']:.0f} MiB ({whole['seconds']:.1f} s end to end)")
+    print(f"peak RSS --layerwise: {layerwise['peak_rss_mib']:.0f} MiB ({layerwise['seconds']:.1f} s end to end)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-16b", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    demo = {name: f"demo:{name}" for name in ("code", "math", "english", "french")}
+    report("reference model (models/reference), fp32", REPO / "models" / "reference", demo,
+           seq_len=256, max_tokens=8192, batch_size=8)
+    if not args.skip_16b:
+        from synthetic import sixteen_b_config, write_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="moe-bench-16b-") as tmp:
+            ckpt = write_checkpoint(Path(tmp) / "ckpt", sixteen_b_config(3))
+            ids = Path(tmp) / "ids.jsonl"
+            generator = torch.Generator().manual_seed(0)
+            with ids.open("w") as f:
+                for _ in range(8):
+                    f.write(json.dumps({"input_ids": torch.randint(0, 102400, (256,), generator=generator).tolist()}) + "\n")
+            report("generated checkpoint with DeepSeekMoE-16B widths, 3 layers (1 dense + 2 MoE), bf16 on disk, fp32 run",
+                   ckpt, {"random": str(ids)}, seq_len=256, max_tokens=2048, batch_size=4)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
