@@ -18,6 +18,35 @@ def cli() -> None:
 
 
 @cli.command()
+@click.argument("model")
+@click.option("--revision", default=None, help="Hub revision of MODEL")
+def inspect(model, revision):
+    """Show MODEL's family, MoE layers, experts, routing rule and size (reads headers only)."""
+    from compressor.families import detect_family
+    from compressor.io import CheckpointReader
+    from compressor.io.resolve import resolve_model
+
+    directory, _ = resolve_model(model, revision)
+    with CheckpointReader(directory) as reader:
+        config = reader.config
+        family = detect_family(config)
+        family.validate_checkpoint(config, reader.names())
+        moe_layers = family.moe_layers(config)
+        counts = sorted({family.num_experts(config, layer) for layer in moe_layers})
+        router = family.router(config)
+        click.echo(f"model:       {directory}")
+        click.echo(f"family:      {family.name} (model_type {config.get('model_type')})")
+        click.echo(f"layers:      {family.num_layers(config)}, MoE layers {moe_layers[0]}..{moe_layers[-1]} ({len(moe_layers)})"
+                   if moe_layers else f"layers:      {family.num_layers(config)}, no MoE layers")
+        click.echo(f"experts:     {'/'.join(map(str, counts))} routed per MoE layer, "
+                   f"{family.num_shared_experts(config)} shared")
+        click.echo(f"routing:     {router.scoring}, top-{router.top_k}, {router.topk_method}, "
+                   f"renormalise {'yes' if router.renormalize else 'no'}")
+        click.echo(f"tensors:     {len(reader.names())} in {len(reader.shards())} shard(s), "
+                   f"{reader.total_bytes / 2**30:.2f} GiB")
+
+
+@cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
 def report(files, output):
@@ -34,9 +63,11 @@ def report(files, output):
 
 def _register_commands() -> None:
     from compressor.data.cli import data
+    from compressor.export.cli import export
     from compressor.profiling.cli import profile
 
     cli.add_command(data)
+    cli.add_command(export)
     cli.add_command(profile)
 
 

@@ -299,6 +299,19 @@ class FamilyAdapter(ABC):
 
     embedding_tensor_name: ClassVar[str] = "model.embed_tokens.weight"
 
+    def compensation_config(self, config: Mapping, compensation: str) -> dict:
+        """Config keys a compensation mode needs in the output (`renorm`: renormalise the chosen weights)."""
+        return {"norm_topk_prob": True} if compensation == "renorm" else {}
+
+    def write_runtime_files(self, directory, config: Mapping) -> None:
+        """Files the output needs besides weights and config.json to load (e.g. modeling code)."""
+
+    def split_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
+        """(residual after attention, MoE block input, MoE block) of an MoE decoder layer, for compensation.
+        The MoE block must offer `gate(x) -> (scores, topk_idx, topk_weight, aux)`, `experts[e]` SwiGLU
+        modules with gate_proj/up_proj/down_proj, `expert_outputs(x, topk_idx)` and `shared_experts`."""
+        raise UserError(f"fitted compensation is not implemented for the {self.name} family yet; use none or renorm")
+
     def run_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
         """Run one decoder layer of `model` (built by `model_class`) on `hidden_states` [batch, seq, hidden]
         with a [batch, seq] padding mask (or None), as the full model's forward would; returns its output."""

@@ -67,6 +67,11 @@ class DeepseekMoEFamily(FamilyAdapter):
     def native_transformers_support(self, config, kept, top_k, *, ungroup: bool = False) -> str | None:
         return "transformers has no native deepseek (v1) model; the output ships moe-compress's modeling file"
 
+    def write_runtime_files(self, directory, config: Mapping) -> None:
+        from compressor.modeling import write_modeling_files
+
+        write_modeling_files(directory)
+
     def model_class(self, config: Mapping) -> type:
         from compressor.modeling import DeepseekForCausalLM
 
@@ -90,6 +95,18 @@ class DeepseekMoEFamily(FamilyAdapter):
             block.observer = None
 
         return detach
+
+    def split_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
+        """(residual after attention, MoE block input, MoE block) of one decoder layer on `hidden_states`."""
+        from compressor.modeling.modeling_deepseek import _attention_mask
+
+        batch, seq_len, _ = hidden_states.shape
+        positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
+        position_embeddings = model.model.rotary_emb(hidden_states, positions)
+        mask = _attention_mask(attention_mask, batch, seq_len, 0, hidden_states.device)
+        attention = decoder_layer.self_attn(decoder_layer.input_layernorm(hidden_states), position_embeddings, mask)
+        residual = hidden_states + attention
+        return residual, decoder_layer.post_attention_layernorm(residual), decoder_layer.mlp
 
     def run_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
         from compressor.modeling.modeling_deepseek import _attention_mask

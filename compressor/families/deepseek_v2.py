@@ -135,6 +135,14 @@ class DeepseekV2Family(FamilyAdapter):
                     f"{router.topk_group} groups of {per}. Keep more experts per group, {UNGROUP_HINT}"
                 )
 
+    def compensation_config(self, config, compensation: str) -> dict:
+        if compensation == "renorm":
+            raise UserError(
+                "compensation 'renorm' cannot be expressed for DeepSeek-V2: transformers' DeepSeek-V2 never "
+                "renormalises the top-k weights; use none, scale, refit or distill"
+            )
+        return {}
+
     def native_transformers_support(self, config, kept, top_k, *, ungroup: bool = False) -> str | None:
         try:
             self.pruned_config(config, kept, top_k, ungroup=ungroup)

@@ -190,19 +190,23 @@ class CheckpointReader:
 
     def read_raw(self, name: str) -> bytes:
         """The exact on-disk bytes of tensor `name` (little-endian, row-major), for byte-identical copies."""
+        chunks = list(self.iter_raw(name, 1 << 30))
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def iter_raw(self, name: str, chunk_bytes: int = 16 << 20):
+        """The on-disk bytes of tensor `name` in chunks of at most `chunk_bytes` (bounded-memory copies)."""
         info = self.info(name)
         handle = self._files.get(info.shard)
         if handle is None:
             handle = self._files[info.shard] = open(info.shard, "rb")
         begin, end = info.data_offsets
-        chunks, offset = [], begin
+        offset = begin
         while offset < end:
-            chunk = os.pread(handle.fileno(), min(end - offset, 1 << 30), offset)
+            chunk = os.pread(handle.fileno(), min(end - offset, chunk_bytes), offset)
             if not chunk:
                 raise UserError(f"corrupt safetensors shard {info.shard}: file is truncated while reading {name!r}")
-            chunks.append(chunk)
+            yield chunk
             offset += len(chunk)
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def close(self) -> None:
         """Release open shard handles (the reader can still be used; handles reopen on demand)."""

@@ -143,6 +143,21 @@ class ShardWriter:
         self._file.write(payload)
         self._next += 1
 
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write the next planned tensor from an iterable of raw byte chunks (never held whole in memory)."""
+        if self._file is None:
+            raise RuntimeError(f"{self.path.name} is already closed")
+        spec = self.specs[self._next] if not self.done else None
+        if spec is None or name != spec.name:
+            raise ValueError(f"{self.path.name}: expected {spec.name if spec else 'nothing'!r} next, got {name!r}")
+        written = 0
+        for chunk in chunks:
+            self._file.write(chunk)
+            written += len(chunk)
+        if written != spec.nbytes:
+            raise ValueError(f"{name!r}: planned {spec.nbytes} bytes, got {written}")
+        self._next += 1
+
     def close(self) -> Path:
         """Check that everything planned was written, then move the file into place."""
         if self._file is None:
@@ -247,6 +262,16 @@ class ShardedWriter:
         if self._current is None:
             raise ValueError(f"{name!r} is not planned (every planned tensor is already written)")
         self._current.write(name, data)
+        if self._current.done:
+            self._advance()
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write the next planned tensor from an iterable of raw byte chunks."""
+        if self._current is None or self._current.done:
+            self._advance()
+        if self._current is None:
+            raise ValueError(f"{name!r} is not planned (every planned tensor is already written)")
+        self._current.write_chunks(name, chunks)
         if self._current.done:
             self._advance()
 

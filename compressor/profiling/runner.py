@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from compressor.errors import UserError
 from compressor.families import detect_family
 from compressor.io import CheckpointReader
 from compressor.io.resolve import resolve_model
+from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
 from compressor.profiling.collector import RoutingCollector
 from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
 
@@ -80,41 +80,6 @@ class _Distributed:
         if self.world > 1:
             for tensor in tensors:
                 torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-
-class _ActivationStore:
-    """Hidden states of every batch between layers: in RAM up to a budget, then spilled to disk."""
-
-    def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
-        self.items: list[torch.Tensor | Path] = []
-        self.in_memory = 0
-        self._dir = None
-
-    def put(self, index: int, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        while len(self.items) <= index:
-            self.items.append(None)
-        old = self.items[index]
-        if isinstance(old, torch.Tensor):
-            self.in_memory -= old.numel() * old.element_size()
-        if self.in_memory + nbytes <= self.budget:
-            self.items[index] = tensor
-            self.in_memory += nbytes
-        else:
-            if self._dir is None:
-                self._dir = tempfile.TemporaryDirectory(prefix="moe-compress-activations-")
-            path = Path(self._dir.name) / f"{index}.pt"
-            torch.save(tensor.cpu(), path)
-            self.items[index] = path
-
-    def get(self, index: int, device) -> torch.Tensor:
-        item = self.items[index]
-        return item if isinstance(item, torch.Tensor) else torch.load(item, map_location=device)
-
-    def close(self):
-        if self._dir is not None:
-            self._dir.cleanup()
 
 
 def profile_model(model: str, sources: dict[str, str], options: ProfileOptions | None = None) -> Profile:
@@ -213,50 +178,38 @@ def _run_whole_model(model_dir, reader, family, config, domain_sequences, loaded
 
 def _run_layerwise(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id):
     """One decoder layer in memory at a time; every batch of every domain passes through it before the next."""
-    config_object = family.build_config(config)
-    with torch.device("meta"):
-        model = family.model_class(config)(config_object)
-    model.eval()
+    runner = LayerwiseModel(family, config, device, dtype)
     embedding = reader.get(family.embedding_tensor_name).to(device=device, dtype=dtype)
     work = []  # (domain, Batch) for the batches this rank runs
     for name, sequences in domain_sequences.items():
         for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
             if dist.mine(index):
                 work.append((name, batch))
-    store = _ActivationStore(options.activation_budget_bytes)
+    store = ActivationStore(options.activation_budget_bytes)
     for i, (_, batch) in enumerate(work):
         store.put(i, torch.nn.functional.embedding(batch.input_ids.to(device), embedding))
     del embedding
     collectors = {name: RoutingCollector(family, config, device) for name in domain_sequences}
     moe_layers = set(family.moe_layers(config))
-    names = reader.names()
     try:
-        bar = tqdm(total=family.num_layers(config), desc="profile (layer by layer)", unit="layer",
+        bar = tqdm(total=runner.num_layers, desc="profile (layer by layer)", unit="layer",
                    disable=not options.progress or dist.rank != 0, dynamic_ncols=True)
-        for layer in range(family.num_layers(config)):
-            module = model.get_submodule(family.layer_module_name(layer))
-            prefix = family.layer_prefix(layer)
-            tensors = {n: reader.get(n) for n in names if n.startswith(prefix)}
-            module.to_empty(device=device)
-            module.load_state_dict(family.layer_state_dict(config, layer, tensors), strict=True)
-            module.to(dtype)
-            del tensors
-            detachers = {}
+        for layer in range(runner.num_layers):
+            module = runner.load_layer(layer, layer_tensors(reader, family, layer))
+            attached = None
             with torch.no_grad():
                 for i, (name, batch) in enumerate(work):
-                    if layer in moe_layers and name not in detachers:
-                        for other in list(detachers):
-                            detachers.pop(other)()
-                        collector = collectors[name]
-                        detachers[name] = collector.attach_layer(module, collector.layers[layer])
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
                     if layer in moe_layers:
+                        if attached is None or attached[0] != name:
+                            if attached is not None:
+                                attached[1]()
+                            attached = (name, collectors[name].attach_layer(module, collectors[name].layers[layer]))
                         collectors[name].valid = batch.valid().to(device)
-                    hidden = store.get(i, device)
-                    store.put(i, family.run_decoder_layer(model, module, hidden, mask))
-            for detach in detachers.values():
-                detach()
-            module.to("meta")
+                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+                    store.put(i, runner.run_layer(module, store.get(i, device), mask))
+            if attached is not None:
+                attached[1]()
+            runner.release_layer(layer)
             bar.update(1)
         bar.close()
     finally:

@@ -1,0 +1,88 @@
+"""The exported checkpoint's model card (README.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+
+def _parameters(reader_bytes: int, dtype_bytes: int = 2) -> str:
+    return f"{reader_bytes / dtype_bytes / 1e9:.2f}B" if reader_bytes > 2e9 else f"{reader_bytes / dtype_bytes / 1e6:.1f}M"
+
+
+def write_basic_card(directory: Path, title: str, family, config: dict, new_config: dict, plan, provenance: dict,
+                     source_bytes: int) -> Path:
+    """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load."""
+    kept = plan.kept()
+    counts = {layer: len(experts) for layer, experts in kept.items()}
+    uniform = len(set(counts.values())) == 1
+    out_bytes = provenance["bytes"]
+    base = provenance["source_model"]
+    data = ModelCardData(
+        base_model=base if "/" in base and not Path(base).exists() else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["moe", "expert-pruning", family.name, "moe-compress"],
+    )
+    rows = "\n".join(
+        f"| {layer} | {counts[layer]} / {family.num_experts(config, layer)} | {', '.join(map(str, experts))} |"
+        for layer, experts in sorted(kept.items())
+    )
+    native = family.native_transformers_support(config, kept, plan.top_k)
+    loading = [
+        "```python",
+        "import compressor  # moe-compress registers its DeepSeekMoE implementation" if native else "",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{title}")',
+        "```",
+    ]
+    if native:
+        loading += [
+            "",
+            f"Without moe-compress installed: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` "
+            f"(the directory ships the modeling code). Why: {native}.",
+        ]
+    if not uniform:
+        loading += [
+            "",
+            "This plan keeps different numbers of experts per layer: vLLM and plain transformers need the same "
+            "count in every layer, so load it with moe-compress's modeling code (above).",
+        ]
+    text = "\n".join(
+        [
+            "---",
+            data.to_yaml(),
+            "---",
+            "",
+            f"# {title}",
+            "",
+            f"`{base}` with its least-used routed experts removed by [moe-compress](https://pypi.org/project/moe-compress/)"
+            f" {provenance['tool_version']}.",
+            "",
+            f"- routed experts kept: {sum(counts.values())} of "
+            f"{sum(family.num_experts(config, layer) for layer in kept)} over {len(kept)} MoE layers"
+            f" ({'uniform' if uniform else 'per-layer counts'})",
+            f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`",
+            f"- size: {out_bytes / 2**30:.2f} GiB of weights (was {source_bytes / 2**30:.2f} GiB)",
+            f"- plan strategy: {plan.strategy.name if plan.strategy else 'hand-written'}",
+            "",
+            "## How to load",
+            "",
+            *[line for line in loading if line is not None],
+            "",
+            "## Experts kept per layer (original ids)",
+            "",
+            "| layer | kept / total | experts |",
+            "|---|---|---|",
+            rows,
+            "",
+            "The plan is in `compression_plan.json`, provenance (tool version, source, plan hash, settings) in "
+            "`moe_compress_provenance.json`.",
+            "",
+        ]
+    )
+    card = ModelCard(text)
+    path = directory / "README.md"
+    card.save(path)
+    return path

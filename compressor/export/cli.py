@@ -1,0 +1,51 @@
+"""`moe-compress export MODEL PLAN.json -o OUT`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compressor.data.sources import SOURCE_FORMS, parse_named_sources
+from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_checkpoint, parse_size
+
+
+@click.command()
+@click.argument("model")
+@click.argument("plan_path", metavar="PLAN.json", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="output checkpoint directory")
+@click.option("--compensation", type=click.Choice(COMPENSATIONS), default=None,
+              help="how to make up for narrower routing (default: the plan's)")
+@click.option("--calibration", multiple=True, metavar="NAME=SOURCE",
+              help=f"calibration data for scale/refit/distill; SOURCE: {SOURCE_FORMS}")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 2GB")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
+              help="calibration tokens in all")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--distill-steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--distill-router", is_flag=True, help="distill also trains the kept experts' router rows")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (fitting)")
+@click.option("--dtype", default="float32", show_default=True, help="compute dtype for fitting")
+@click.option("--revision", default=None, help="Hub revision of MODEL")
+@click.option("--overwrite", is_flag=True, help="replace an existing OUT")
+@click.option("--no-validate", is_flag=True, help="skip the validation at the end")
+def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
+           distill_steps, distill_router, device, dtype, revision, overwrite, no_validate):
+    """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
+    from compressor.planning import Plan
+
+    plan = Plan.load(plan_path)
+    options = ExportOptions(
+        compensation=compensation,
+        calibration=parse_named_sources(calibration) if calibration else {},
+        max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision, device=device,
+        dtype=dtype, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, distill_steps=distill_steps,
+        distill_router=distill_router,
+    )
+    result = export_checkpoint(model, plan, output, options)
+    click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "
+               f"compensation {result.compensation}")
+    if not plan.is_uniform():
+        click.echo("note: non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
+                   "load the output with moe-compress's modeling code (import compressor, or trust_remote_code=True)")

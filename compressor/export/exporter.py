@@ -1,0 +1,176 @@
+"""Write the pruned checkpoint shard by shard, streaming tensors from the source (never loading the model)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from compressor import __version__
+from compressor.errors import UserError
+from compressor.export.mapping import TensorMapping
+from compressor.families import detect_family
+from compressor.io import CheckpointReader, ShardedWriter
+from compressor.io.atomic import atomic_directory, check_writable_target
+from compressor.io.resolve import resolve_model
+
+COMPENSATIONS = ("none", "renorm", "scale", "refit", "distill")
+FITTED_COMPENSATIONS = ("scale", "refit", "distill")
+PLAN_FILE = "compression_plan.json"
+PROVENANCE_FILE = "moe_compress_provenance.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+@dataclass
+class ExportOptions:
+    compensation: str | None = None  # None: the plan's
+    calibration: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE, for fitted modes
+    max_shard_bytes: int = 5 * 2**30
+    overwrite: bool = False
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    max_tokens: int = 32768
+    seq_len: int = 512
+    batch_size: int = 8
+    distill_steps: int = 300
+    distill_lr: float = 1e-3
+    distill_batch_tokens: int = 4096
+    distill_router: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    compensation: str
+    tensors: int
+    bytes: int
+    fit_report: dict = field(default_factory=dict)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise UserError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
+    if unit not in units or value <= 0:
+        raise UserError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
+    return int(value * units[unit])
+
+
+def check_output_location(source: Path, output: Path, overwrite: bool) -> None:
+    """OUT must not be the source, inside it, or (without --overwrite) an existing path."""
+    source, resolved = source.resolve(), output.resolve()
+    if resolved == source or source in resolved.parents:
+        raise UserError(f"output {output} is the source checkpoint or inside it; choose another directory")
+    if resolved in source.parents:
+        raise UserError(f"output {output} contains the source checkpoint; choose another directory")
+    check_writable_target(output, overwrite)
+
+
+def export_checkpoint(model: str, plan, output: Path, options: ExportOptions | None = None) -> ExportResult:
+    """Rewrite `model` (local dir or Hub id) according to `plan` into `output` (atomically)."""
+    from compressor.planning import check_plan_matches
+
+    options = options or ExportOptions()
+    compensation = options.compensation or plan.compensation
+    if compensation not in COMPENSATIONS:
+        raise UserError(f"--compensation must be one of {', '.join(COMPENSATIONS)}, not {compensation!r}")
+    output = Path(output)
+    source_dir, revision = resolve_model(model, options.revision)
+    check_output_location(source_dir, output, options.overwrite)
+    reader = CheckpointReader(source_dir)
+    config = reader.config
+    family = detect_family(config)
+    family.validate_checkpoint(config, reader.names())
+    check_plan_matches(plan, config, family)
+    kept = plan.kept()
+    if compensation in FITTED_COMPENSATIONS and not options.calibration:
+        raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
+    new_config = family.pruned_config(config, kept, plan.top_k)
+    new_config.update(family.compensation_config(config, compensation))
+    mapping = TensorMapping(family, kept)
+    outputs = mapping.plan(reader)
+
+    with atomic_directory(output, options.overwrite) as staging, \
+            tempfile.TemporaryDirectory(prefix=".moe-compress-fit-", dir=output.parent) as scratch:
+        fitted, fit_report = {}, {}
+        if compensation in FITTED_COMPENSATIONS:
+            from compressor.export.compensation import fit_compensation
+
+            fitted, fit_report = fit_compensation(
+                reader, family, config, new_config, mapping, compensation, options, Path(scratch)
+            )
+        total = sum(o.spec.nbytes for o in outputs)
+        writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
+                                       metadata={"format": "pt"}, index=None)
+        try:
+            with tqdm(total=total, desc="export", unit="B", unit_scale=True, unit_divisor=1024,
+                      disable=not options.progress, dynamic_ncols=True) as bar:
+                for out in outputs:
+                    if out.name in fitted:
+                        writer.write(out.name, fitted.pop(out.name).to(out.spec.dtype).contiguous())
+                    elif out.action == "slice_rows":
+                        writer.write(out.name, reader.get(out.source)[list(out.rows)].contiguous())
+                    else:
+                        writer.write_chunks(out.name, reader.iter_raw(out.source))
+                    bar.update(out.spec.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        (staging / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        family.write_runtime_files(staging, new_config)
+        for name in _TOKENIZER_FILES:
+            if (source_dir / name).exists():
+                shutil.copyfile(source_dir / name, staging / name)
+        (staging / PLAN_FILE).write_text(plan.model_dump_json(indent=1, exclude_none=True) + "\n")
+        provenance = {
+            "tool": "moe-compress",
+            "tool_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source_model": model,
+            "source_revision": revision,
+            "plan_hash": plan.content_hash(),
+            "compensation": compensation,
+            "calibration": options.calibration,
+            "fit": fit_report,
+            "settings": {"max_shard_bytes": options.max_shard_bytes, "dtype": options.dtype,
+                         "max_tokens": options.max_tokens, "seq_len": options.seq_len},
+            "tensors": len(outputs),
+            "bytes": total,
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        from compressor.export.card import write_basic_card
+
+        write_basic_card(staging, output.name, family, config, new_config, plan, provenance, reader.total_bytes)
+    reader.close()
+    return ExportResult(output, compensation, len(outputs), total, fit_report)
+
+
+def pruned_layer_loader(reader, family, mapping: TensorMapping, overrides: dict[str, torch.Tensor] | None = None):
+    """A function giving decoder layer `layer`'s pruned tensors (output names), with fitted overrides applied."""
+    from compressor.layerwise import layer_tensors
+
+    def load(layer: int) -> dict[str, torch.Tensor]:
+        tensors = mapping.layer_tensors(layer, layer_tensors(reader, family, layer))
+        for name in list(tensors):
+            if overrides and name in overrides:
+                tensors[name] = overrides[name]
+        return tensors
+
+    return load
