@@ -6,16 +6,28 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
-from compressor.data import DEMO_DOMAINS, SPLITS, demo_documents, describe_domain, fetch_sources
+from compressor.data import DEMO_DOMAINS, SPLITS, demo_documents, describe_domain, fetch_sources, sources_dir
+from compressor.data import demo
+from compressor.data.cli import data as data_cli
 from compressor.data.roff import roff_to_text
 from compressor.data.sources import load_source, parse_named_sources
 from compressor.errors import UserError
 
+ROFF_LEFTOVERS = re.compile(r"\\f[BIRP(\[]|\\\((em|en|aq|dq|bu|co|hy|lq|rq)|\\\*[(\[]|\\s[-+]?\d")
+MACRO_LINE = re.compile(r"^(\.\\\"|[.'](TH|SH|SS|PP|LP|TP|IP|HP|B|I|BR|BI|IR|RB|RI|RS|RE|nf|br|sp|ie|UR|UE|EX|EE)( |$))")
 
-@pytest.fixture(scope="module", autouse=True)
+
+@pytest.fixture(scope="session", autouse=True)
 def fetched():
-    fetch_sources()
+    """The Debian sources, unpacked once (offline through apt's package cache; about a second)."""
+    return fetch_sources()
+
+
+def test_api_names():
+    assert DEMO_DOMAINS == ("code", "math", "legal", "english", "french", "german")
+    assert SPLITS == ("train", "calibration", "evaluation")
 
 
 @pytest.mark.parametrize("name", DEMO_DOMAINS)
@@ -23,33 +35,47 @@ def test_splits_are_non_empty_disjoint_and_deterministic(name):
     splits = {split: demo_documents(name, split) for split in SPLITS}
     for split, documents in splits.items():
         assert documents, f"{name}/{split} is empty"
+        assert all(isinstance(doc, str) and len(doc) >= 200 for doc in documents)
         assert documents == demo_documents(name, split)
     train, calibration, evaluation = (set(splits[s]) for s in SPLITS)
     assert not train & calibration and not train & evaluation and not calibration & evaluation
     sizes = {split: sum(map(len, docs)) for split, docs in splits.items()}
-    assert sizes["train"] > 10 * sizes["evaluation"] > 0
+    assert sizes["train"] > 10 * sizes["evaluation"] > 0 and sizes["train"] > 10 * sizes["calibration"]
+    # extracting again from the sources (not the cache) gives exactly the same documents in the same order
+    assert demo._split_documents(name, demo.DOMAINS[name].read()) == splits
+
+
+def test_long_texts_are_chunked_before_splitting():
+    for name in ("code", "legal", "english", "french", "german"):
+        lengths = [len(doc) for split in SPLITS for doc in demo_documents(name, split)]
+        assert max(lengths) <= 6000, name
+    novels = [len(doc) for split in SPLITS for doc in demo_documents("english", split)]
+    assert len(novels) > 500 and sum(2000 <= n <= 6000 for n in novels) > 0.95 * len(novels)
+    code = demo_documents("code", "train")
+    assert any(doc.startswith("def ") or "\n    def " in doc for doc in code)  # indentation kept
 
 
 def test_domains_hold_the_text_they_claim():
     code = demo_documents("code", "evaluation")
     assert sum("def " in doc for doc in code) > len(code) / 2
     math = demo_documents("math", "evaluation")
-    assert all(re.search(r"#### -?[\d.,]+\s*$", doc) for doc in math)
+    assert all(doc.count("\n") >= 2 and re.search(r"\S\n+#### -?[\d.,]+$", doc) for doc in math)
     french = " ".join(demo_documents("french", "evaluation"))
-    assert french.count("é") > 100 and " les " in french
+    assert french.count("é") > 100 and " les " in french and "è" in french and "à" in french
     german = " ".join(demo_documents("german", "evaluation"))
     assert german.count("ü") + german.count("ä") > 50 and " der " in german
     english = " ".join(demo_documents("english", "evaluation"))
     assert " the " in english and ("Elizabeth" in english or "Emma" in english or "Anne" in english)
     legal = " ".join(demo_documents("legal", "evaluation"))
-    assert "license" in legal.lower() and not legal.lstrip().startswith("---")
+    assert "license" in legal.lower() and "\nkey: " not in legal and not legal.lstrip().startswith("---")
 
 
 @pytest.mark.parametrize("name", ["french", "german"])
 def test_man_pages_have_no_roff_left(name):
-    for doc in demo_documents(name, "evaluation"):
-        assert not re.search(r"\\f[BIRP]|\\-|\\\((em|aq|dq)", doc), doc
-        assert not any(line.startswith((".TH", ".SH", ".PP", '.\\"')) for line in doc.splitlines())
+    for split in ("calibration", "evaluation"):
+        for doc in demo_documents(name, split):
+            assert not ROFF_LEFTOVERS.search(doc), ROFF_LEFTOVERS.search(doc)
+            assert not any(MACRO_LINE.match(line) for line in doc.splitlines()), doc[:300]
 
 
 def test_roff_rendering():
@@ -65,28 +91,100 @@ def test_roff_rendering():
         "inclure les entrées débutant par «\\ .\\ »",
         ".BR ls (1),",
         '.B "deux mots"',
-        "\\(em fin\\(aq",
+        "\\(em fin\\(aq \\e\\(dqx\\(dq \\f(CWmono\\fR \\&.",
+        ".SS Exemple",
+        ".nf",
+        "  a  b",
+        "  c",
+        ".fi",
+        "Voir",
+        ".UR https://example.org/",
+        "le site",
+        ".UE .",
     ])
     assert roff_to_text(source) == (
-        "NOM ls - Afficher le contenu de répertoires\n\n"
-        "SYNOPSIS ls [OPTION]...\n\n"
-        "-a, --all inclure les entrées débutant par « . » ls(1), deux mots — fin'"
+        "NOM\n\n"
+        "ls - Afficher le contenu de répertoires\n\n"
+        "SYNOPSIS\n\n"
+        "ls [OPTION]...\n\n"
+        "-a, --all\n"
+        "inclure les entrées débutant par « . » ls(1), deux mots — fin' \\\"x\" mono .\n\n"
+        "Exemple\n\n"
+        "  a  b\n"
+        "  c\n\n"
+        "Voir le site <https://example.org/>."
+    )
+
+
+def test_roff_conditionals_definitions_tables_and_mdoc():
+    source = "\n".join([
+        ".de XX",
+        "hidden \\\\$1",
+        "..",
+        ".ie n .ds Q \\(lqnroff\\(rq",
+        ".el .ds Q troff",
+        ".if t \\{\\",
+        "not shown",
+        ".\\}",
+        "Texte \\*Q \\*(Aqok\\*(Aq",
+        ".TS",
+        "tab(:);",
+        "l l.",
+        "Clé:Valeur",
+        "_",
+        "a:b",
+        ".TE",
+        ".Sh BESCHREIBUNG",
+        ".Nm ssh",
+        ".Op Fl v",
+        ".Xr ssh_config 5 .",
+    ])
+    assert roff_to_text(source) == (
+        "Texte “nroff” 'ok'\n\nClé Valeur\na b\n\nBESCHREIBUNG\n\nssh [-v] ssh_config(5)."
     )
 
 
 def test_unknown_domain_and_split_are_one_line_errors():
-    with pytest.raises(UserError, match="unknown demo domain 'klingon'; known: code, math"):
+    with pytest.raises(UserError, match="unknown demo domain 'klingon'; known: code, math, legal") as error:
         demo_documents("klingon", "train")
-    with pytest.raises(UserError, match="unknown split 'test'"):
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="unknown split 'test'; use one of train, calibration, evaluation") as error:
         demo_documents("code", "test")
+    assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="unknown demo domain"):
+        describe_domain("klingon")
 
 
 def test_missing_debian_source_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_COMPRESS_SOURCES", str(tmp_path))
-    with pytest.raises(UserError, match="run `moe-compress data fetch`"):
-        demo_documents("french", "train")
-    assert describe_domain("english")["available"] is False
-    assert describe_domain("code")["available"] is True  # needs no Debian package
+    assert sources_dir() == tmp_path
+    for name in ("english", "french", "german"):
+        with pytest.raises(UserError, match="run `moe-compress data fetch`") as error:
+            demo_documents(name, "train")
+        assert "\n" not in str(error.value)
+        assert describe_domain(name)["available"] is False
+    info = describe_domain("math")  # needs no Debian package
+    assert info["available"] is True and all(info["documents"][split] > 0 for split in SPLITS)
+    assert (tmp_path / "cache").is_dir()  # extracted documents are cached where the sources live
+    result = CliRunner().invoke(data_cli, ["list"])
+    assert result.exit_code == 0 and "moe-compress data fetch" in result.output
+    assert re.search(r"^math +yes +\d+ +\d+ +\d+", result.output, re.M)
+    assert re.search(r"^german +no", result.output, re.M)
+
+
+@pytest.mark.parametrize("name, module", [("math", "reasoning_gym"), ("legal", "licensedcode")])
+def test_missing_demo_extra_names_the_install_command(tmp_path, monkeypatch, name, module):
+    monkeypatch.setenv("MOE_COMPRESS_SOURCES", str(tmp_path))  # no cache there
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
+    with pytest.raises(UserError, match=re.escape("pip install 'moe-compress[demo]'")):
+        demo_documents(name, "train")
+    assert describe_domain(name)["available"] is False
+
+
+def test_fetch_is_idempotent_without_apt(monkeypatch, fetched):
+    monkeypatch.setattr(demo.shutil, "which", lambda _: None)  # would fail if it tried to download again
+    assert fetch_sources() == fetched
+    assert all((fetched / package / ".extracted").is_file() for package in demo.DEBIAN_PACKAGES)
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):
@@ -106,8 +204,8 @@ def test_named_sources_and_file_forms(tmp_path):
         parse_named_sources(["a=demo:code", "a=demo:math"])
     with pytest.raises(UserError, match="NAME=SOURCE"):
         parse_named_sources(["demo:code"])
-    demo = load_source("demo:math@evaluation")
-    assert demo.texts == demo_documents("math", "evaluation") and demo.details["split"] == "evaluation"
+    demo_source = load_source("demo:math@evaluation")
+    assert demo_source.texts == demo_documents("math", "evaluation") and demo_source.details["split"] == "evaluation"
     assert load_source("demo:math").texts == demo_documents("math", "calibration")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.txt").write_text("second")
