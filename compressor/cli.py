@@ -64,10 +64,12 @@ def report(files, output):
 def _register_commands() -> None:
     from compressor.data.cli import data
     from compressor.export.cli import export
+    from compressor.planning.cli import plan
     from compressor.profiling.cli import profile
 
     cli.add_command(data)
     cli.add_command(export)
+    cli.add_command(plan)
     cli.add_command(profile)
 
 
