@@ -66,11 +66,13 @@ def _register_commands() -> None:
     from compressor.export.cli import export
     from compressor.planning.cli import plan
     from compressor.profiling.cli import profile
+    from compressor.validation.cli import validate
 
     cli.add_command(data)
     cli.add_command(export)
     cli.add_command(plan)
     cli.add_command(profile)
+    cli.add_command(validate)
 
 
 _register_commands()

@@ -88,6 +88,23 @@ class LayerwiseModel:
     def run_layer(self, module: torch.nn.Module, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
         return self.family.run_decoder_layer(self.model, module, hidden, attention_mask)
 
+    def load_head(self, reader) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Materialise the final norm and LM head; returns hidden states after the last layer -> logits."""
+        modules = []
+        for path in (self.family.final_norm_module, self.family.lm_head_module):
+            module = self.model.get_submodule(path)
+            module.to_empty(device=self.device)
+            state = {}
+            for key in module.state_dict():
+                name = f"{path}.{key}"
+                if name not in reader and path == self.family.lm_head_module and self.config.get("tie_word_embeddings"):
+                    name = self.family.embedding_tensor_name
+                state[key] = reader.get(name)
+            module.load_state_dict(state, strict=True)
+            modules.append(module.to(self.dtype))
+        norm, head = modules
+        return lambda hidden: head(norm(hidden))
+
 
 def layer_tensors(reader, family, layer: int) -> dict[str, torch.Tensor]:
     """All on-disk tensors of decoder layer `layer` (the layer straddling shards is fine)."""

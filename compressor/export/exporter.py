@@ -83,14 +83,22 @@ def check_output_location(source: Path, output: Path, overwrite: bool) -> None:
 
 
 def export_checkpoint(model: str, plan, output: Path, options: ExportOptions | None = None) -> ExportResult:
-    """Rewrite `model` (local dir or Hub id) according to `plan` into `output` (atomically)."""
+    """Rewrite `model` (local dir or Hub id) according to `plan` into `output` (atomically).
+
+    On any failure nothing is left at `output` (and an existing one is kept); the source is only read.
+    """
+    try:
+        return _export(model, plan, Path(output), options or ExportOptions())
+    except OSError as error:
+        raise UserError(f"writing {output} failed: {error.strerror or error}; nothing was written") from error
+
+
+def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportResult:
     from compressor.planning import check_plan_matches
 
-    options = options or ExportOptions()
     compensation = options.compensation or plan.compensation
     if compensation not in COMPENSATIONS:
         raise UserError(f"--compensation must be one of {', '.join(COMPENSATIONS)}, not {compensation!r}")
-    output = Path(output)
     source_dir, revision = resolve_model(model, options.revision)
     check_output_location(source_dir, output, options.overwrite)
     reader = CheckpointReader(source_dir)

@@ -298,6 +298,8 @@ class FamilyAdapter(ABC):
         raise UserError(f"routing statistics are not implemented for the {self.name} family yet")
 
     embedding_tensor_name: ClassVar[str] = "model.embed_tokens.weight"
+    final_norm_module: ClassVar[str] = "model.norm"
+    lm_head_module: ClassVar[str] = "lm_head"
 
     def compensation_config(self, config: Mapping, compensation: str) -> dict:
         """Config keys a compensation mode needs in the output (`renorm`: renormalise the chosen weights)."""

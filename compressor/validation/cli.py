@@ -1,0 +1,60 @@
+"""`moe-compress validate ORIGINAL COMPRESSED -d NAME=SOURCE ... -o validation.json`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from compressor.cli_support import checked_output_path
+from compressor.data.sources import SOURCE_FORMS, parse_named_sources
+from compressor.validation.plots import write_validation_plots
+from compressor.validation.runner import ValidateOptions, validate_models
+
+
+def summary_table(report) -> str:
+    lines = [f"{'domain':12} {'tokens':>8} {'ppl original':>13} {'ppl compressed':>15} {'change':>8} "
+             f"{'KL':>8} {'top-1 agree':>12}"]
+    for name, d in report.domains.items():
+        lines.append(f"{name:12} {d.tokens:8d} {d.perplexity_original:13.3f} {d.perplexity_compressed:15.3f} "
+                     f"{100 * d.perplexity_increase:+7.1f}% {d.kl_mean:8.4f} {100 * d.top1_agreement:11.1f}%")
+    worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
+    lines.append(f"lowest hidden-state cosine: layer {worst[0]} (mean {worst[1].cosine_mean:.4f}, "
+                 f"5th percentile {worst[1].cosine_p5:.4f})")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("original")
+@click.argument("compressed")
+@click.option("-d", "--data", "data", multiple=True, required=True, metavar="NAME=SOURCE",
+              help=f"held-out domain; SOURCE: {SOURCE_FORMS} (demo: defaults to the evaluation split)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="validation JSON to write")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="tokens per domain")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-ppl-increase", type=float, default=None, help="fail when a domain's perplexity rises more (e.g. 0.05)")
+@click.option("--min-cosine", type=float, default=None, help="fail when a layer's mean hidden-state cosine is lower")
+@click.option("--layerwise", is_flag=True, help="run both models one decoder layer at a time, in lockstep")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace an existing output file")
+def validate(original, compressed, data, output, max_tokens, seq_len, batch_size, max_ppl_increase, min_cosine,
+             layerwise, dtype, device, text_field, overwrite):
+    """Compare COMPRESSED with ORIGINAL; exit 0 when every threshold holds, 1 otherwise."""
+    checked_output_path(output, overwrite)
+    options = ValidateOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                              device=device, layerwise=layerwise, text_field=text_field,
+                              max_ppl_increase=max_ppl_increase, min_cosine=min_cosine)
+    report = validate_models(original, compressed, parse_named_sources(data), options)
+    report.save(output)
+    plots = write_validation_plots(report, output.parent / f"{output.stem}-plots")
+    click.echo(summary_table(report))
+    click.echo(f"wrote {output} and {', '.join(p.name for p in plots)} in {plots[0].parent}")
+    if not report.passed:
+        click.echo("validation FAILED:\n  " + "\n  ".join(report.failures), err=True)
+        sys.exit(1)
+    thresholds = max_ppl_increase is not None or min_cosine is not None
+    click.echo("validation passed" if thresholds else "no thresholds given (--max-ppl-increase, --min-cosine)")

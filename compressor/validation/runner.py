@@ -1,0 +1,211 @@
+"""Compare an original and a compressed model on identical held-out tokens.
+
+Per domain: perplexity of both, relative increase, mean next-token KL(original || compressed), top-1
+next-token agreement. Per decoder layer: cosine similarity of the residual stream after the layer (mean
+and 5th percentile over tokens). `layerwise=True` runs both models one decoder layer at a time in
+lockstep, so a big model is never held twice (or even once) in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from compressor import __version__
+from compressor.data.batching import batches, token_sequences
+from compressor.data.sources import load_source
+from compressor.errors import UserError
+from compressor.families import detect_family
+from compressor.io import CheckpointReader
+from compressor.io.resolve import resolve_model
+from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
+from compressor.profiling.runner import load_tokenizer, resolve_device, resolve_dtype
+from compressor.profiling.schema import config_hash
+from compressor.validation.schema import DomainResult, LayerResult, ModelRef, Thresholds, ValidationReport
+
+
+@dataclass
+class ValidateOptions:
+    max_tokens: int = 16384
+    seq_len: int = 512
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "auto"
+    layerwise: bool = False
+    text_field: str = "text"
+    max_ppl_increase: float | None = None
+    min_cosine: float | None = None
+    default_split: str = "evaluation"
+    progress: bool = True
+    revisions: tuple[str | None, str | None] = field(default=(None, None))
+
+
+class _DomainAccumulator:
+    def __init__(self):
+        self.nll_original = self.nll_compressed = self.kl = 0.0
+        self.agree = self.tokens = 0
+
+    def add(self, logits_original, logits_compressed, input_ids, attention_mask):
+        targets = input_ids[:, 1:]
+        keep = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
+        lo = torch.log_softmax(logits_original[:, :-1].float(), dim=-1)[keep]
+        lc = torch.log_softmax(logits_compressed[:, :-1].float(), dim=-1)[keep]
+        t = targets[keep]
+        self.nll_original -= float(lo.gather(-1, t[:, None]).double().sum())
+        self.nll_compressed -= float(lc.gather(-1, t[:, None]).double().sum())
+        self.kl += float((lo.exp() * (lo - lc)).sum(-1).double().sum())
+        self.agree += int((lo.argmax(-1) == lc.argmax(-1)).sum())
+        self.tokens += int(keep.sum())
+
+    def result(self, source: dict) -> DomainResult:
+        n = max(self.tokens, 1)
+        po, pc = math.exp(self.nll_original / n), math.exp(self.nll_compressed / n)
+        return DomainResult(tokens=self.tokens, source=source, perplexity_original=po, perplexity_compressed=pc,
+                            perplexity_increase=pc / po - 1, kl_mean=self.kl / n, top1_agreement=self.agree / n)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    hidden = a.shape[-1]
+    return torch.nn.functional.cosine_similarity(
+        a.reshape(-1, hidden)[valid].float(), b.reshape(-1, hidden)[valid].float(), dim=-1, eps=1e-12
+    ).cpu()
+
+
+def _model_ref(source: str, reader: CheckpointReader, family) -> ModelRef:
+    parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    return ModelRef(source=source, family=family.name, config_hash=config_hash(reader.config),
+                    parameters=parameters, bytes=reader.total_bytes)
+
+
+def _file_hash(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _check_related(original_dir: Path, compressed_dir: Path, a: dict, b: dict) -> None:
+    if a.get("vocab_size") != b.get("vocab_size"):
+        raise UserError(f"the two models are unrelated: vocabulary sizes differ ({a.get('vocab_size')} vs "
+                        f"{b.get('vocab_size')})")
+    for key in ("hidden_size", "num_hidden_layers"):
+        if a.get(key) != b.get(key):
+            raise UserError(f"the two models are unrelated: {key} differs ({a.get(key)} vs {b.get(key)})")
+    ta, tb = _file_hash(original_dir / "tokenizer.json"), _file_hash(compressed_dir / "tokenizer.json")
+    if ta and tb and ta != tb:
+        raise UserError("the two models are unrelated: their tokenizer.json files differ")
+
+
+def validate_models(original: str, compressed: str, sources: dict[str, str],
+                    options: ValidateOptions | None = None) -> ValidationReport:
+    """Compare `compressed` with `original` on each NAME=SOURCE (default split: evaluation)."""
+    options = options or ValidateOptions()
+    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
+    loaded = {name: load_source(spec, default_split=options.default_split, text_field=options.text_field)
+              for name, spec in sources.items()}
+    original_dir, _ = resolve_model(original, options.revisions[0])
+    compressed_dir, _ = resolve_model(compressed, options.revisions[1])
+    readers = CheckpointReader(original_dir), CheckpointReader(compressed_dir)
+    configs = readers[0].config, readers[1].config
+    families = detect_family(configs[0]), detect_family(configs[1])
+    _check_related(original_dir, compressed_dir, *configs)
+    tokenizer = None
+    if any(not s.pretokenized for s in loaded.values()):
+        tokenizer = load_tokenizer(original_dir) or load_tokenizer(compressed_dir)
+    vocab = int(configs[0]["vocab_size"])
+    work = []
+    for name, source in loaded.items():
+        sequences = token_sequences(source, tokenizer, options.seq_len, options.max_tokens)
+        if not sequences or max(len(s) for s in sequences) < 2:
+            raise UserError(f"domain {name!r} has too few tokens to measure perplexity")
+        if max(max(s) for s in sequences) >= vocab:
+            raise UserError(f"domain {name!r} has token ids outside the vocabulary of {vocab}")
+        pad = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
+        work += [(name, batch) for batch in batches(sequences, options.batch_size, pad)]
+
+    accumulators = {name: _DomainAccumulator() for name in loaded}
+    layer_cosines: dict[int, list[torch.Tensor]] = {}
+    run = _run_layerwise if options.layerwise else _run_whole
+    run(readers, families, configs, (original_dir, compressed_dir), work, accumulators, layer_cosines,
+        device, dtype, options)
+    for reader in readers:
+        reader.close()
+
+    layers = {}
+    for layer, parts in sorted(layer_cosines.items()):
+        values = torch.cat(parts).double()
+        layers[str(layer)] = LayerResult(cosine_mean=float(values.mean()),
+                                         cosine_p5=float(torch.quantile(values, 0.05)))
+    domains = {name: acc.result(loaded[name].description()) for name, acc in accumulators.items()}
+    failures = []
+    if options.max_ppl_increase is not None:
+        failures += [f"{name}: perplexity +{100 * d.perplexity_increase:.1f}% exceeds "
+                     f"+{100 * options.max_ppl_increase:.1f}%"
+                     for name, d in domains.items() if d.perplexity_increase > options.max_ppl_increase]
+    if options.min_cosine is not None:
+        failures += [f"layer {layer}: hidden-state cosine {r.cosine_mean:.4f} is below {options.min_cosine}"
+                     for layer, r in layers.items() if r.cosine_mean < options.min_cosine]
+    return ValidationReport(
+        tool_version=__version__,
+        original=_model_ref(original, readers[0], families[0]),
+        compressed=_model_ref(compressed, readers[1], families[1]),
+        settings={"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
+                  "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise},
+        thresholds=Thresholds(max_ppl_increase=options.max_ppl_increase, min_cosine=options.min_cosine),
+        domains=domains, layers=layers, passed=not failures, failures=failures,
+    )
+
+
+def _run_whole(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
+    models = [family.model_class(config).from_pretrained(directory, dtype=dtype).to(device).eval()
+              for family, config, directory in zip(families, configs, dirs)]
+    total = sum(batch.tokens for _, batch in work)
+    with torch.no_grad(), tqdm(total=total, desc="validate", unit="tok", unit_scale=True,
+                               disable=not options.progress, dynamic_ncols=True) as bar:
+        for name, batch in work:
+            ids = batch.input_ids.to(device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            outputs = [m(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+                       for m in models]
+            accumulators[name].add(outputs[0].logits, outputs[1].logits, ids, mask)
+            valid = batch.valid().to(device)
+            for layer, (a, b) in enumerate(zip(outputs[0].hidden_states[1:], outputs[1].hidden_states[1:])):
+                layer_cosines.setdefault(layer, []).append(_cosines(a, b, valid))
+            bar.update(batch.tokens)
+
+
+def _run_layerwise(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
+    runners = [LayerwiseModel(family, config, device, dtype) for family, config in zip(families, configs)]
+    stores = [ActivationStore(), ActivationStore()]
+    try:
+        for runner, reader, store in zip(runners, readers, stores):
+            embedding = reader.get(runner.family.embedding_tensor_name).to(device=device, dtype=dtype)
+            for i, (_, batch) in enumerate(work):
+                store.put(i, torch.nn.functional.embedding(batch.input_ids.to(device), embedding))
+        bar = tqdm(total=runners[0].num_layers, desc="validate (layer by layer)", unit="layer",
+                   disable=not options.progress, dynamic_ncols=True)
+        for layer in range(runners[0].num_layers):
+            for runner, reader, store in zip(runners, readers, stores):
+                module = runner.load_layer(layer, layer_tensors(reader, runner.family, layer))
+                with torch.no_grad():
+                    for i, (_, batch) in enumerate(work):
+                        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+                        store.put(i, runner.run_layer(module, store.get(i, device), mask))
+                runner.release_layer(layer)
+            for i, (_, batch) in enumerate(work):
+                valid = batch.valid().to(device)
+                layer_cosines.setdefault(layer, []).append(
+                    _cosines(stores[0].get(i, device), stores[1].get(i, device), valid))
+            bar.update(1)
+        bar.close()
+        heads = [runner.load_head(reader) for runner, reader in zip(runners, readers)]
+        with torch.no_grad():
+            for i, (name, batch) in enumerate(work):
+                mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+                logits = [head(store.get(i, device)) for head, store in zip(heads, stores)]
+                accumulators[name].add(logits[0], logits[1], batch.input_ids.to(device), mask)
+    finally:
+        for store in stores:
+            store.close()

@@ -1,0 +1,74 @@
+"""The validation report: original vs compressed on the same held-out tokens (public, versioned JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from compressor.errors import UserError
+
+VALIDATION_FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    source: str
+    family: str
+    config_hash: str
+    parameters: int
+    bytes: int
+
+
+class DomainResult(_Strict):
+    tokens: int
+    source: dict
+    perplexity_original: float
+    perplexity_compressed: float
+    perplexity_increase: float  # relative: compressed / original - 1
+    kl_mean: float  # mean next-token KL(original || compressed), nats
+    top1_agreement: float  # share of tokens whose most likely next token is the same
+
+
+class LayerResult(_Strict):
+    cosine_mean: float  # hidden states after the layer, original vs compressed, mean over tokens
+    cosine_p5: float  # 5th percentile over tokens
+
+
+class Thresholds(_Strict):
+    max_ppl_increase: float | None = None
+    min_cosine: float | None = None
+
+
+class ValidationReport(_Strict):
+    format_version: Literal[1] = VALIDATION_FORMAT_VERSION
+    tool_version: str
+    original: ModelRef
+    compressed: ModelRef
+    settings: dict
+    thresholds: Thresholds
+    domains: dict[str, DomainResult]
+    layers: dict[str, LayerResult]
+    passed: bool
+    failures: list[str]
+
+    def save(self, path: str | Path) -> None:
+        from compressor.io.atomic import write_text_atomic
+
+        write_text_atomic(Path(path), self.model_dump_json(indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ValidationReport":
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"validation report {path} does not exist") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise UserError(f"{path} is not a valid validation report: "
+                            f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
