@@ -12,7 +12,7 @@ def _parameters(reader_bytes: int, dtype_bytes: int = 2) -> str:
 
 
 def write_basic_card(directory: Path, title: str, family, config: dict, new_config: dict, plan, provenance: dict,
-                     source_bytes: int) -> Path:
+                     source_bytes: int, validation=None) -> Path:
     """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load."""
     kept = plan.kept()
     counts = {layer: len(experts) for layer, experts in kept.items()}
@@ -71,6 +71,7 @@ def write_basic_card(directory: Path, title: str, family, config: dict, new_conf
             "",
             *[line for line in loading if line is not None],
             "",
+            *_validation_section(validation),
             "## Experts kept per layer (original ids)",
             "",
             "| layer | kept / total | experts |",
@@ -86,3 +87,20 @@ def write_basic_card(directory: Path, title: str, family, config: dict, new_conf
     path = directory / "README.md"
     card.save(path)
     return path
+
+
+def _validation_section(report) -> list[str]:
+    if report is None:
+        return ["## Validation", "", "Not validated (exported with `--no-validate` or without held-out data).", ""]
+    verdict = "**passed**" if report.passed else "**FAILED**: " + "; ".join(report.failures)
+    lines = ["## Validation", "", f"Held-out tokens, original vs compressed: {verdict}.", "",
+             "| domain | tokens | perplexity original | perplexity compressed | change | KL | top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for name, d in report.domains.items():
+        lines.append(f"| {name} | {d.tokens} | {d.perplexity_original:.3f} | {d.perplexity_compressed:.3f} | "
+                     f"{100 * d.perplexity_increase:+.1f}% | {d.kl_mean:.4f} | {100 * d.top1_agreement:.1f}% |")
+    worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
+    lines += ["", f"Lowest hidden-state cosine: layer {worst[0]}, mean {worst[1].cosine_mean:.4f} "
+              f"(5th percentile {worst[1].cosine_p5:.4f}). Full report: `validation.json`.", "",
+              "![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
+    return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -30,8 +31,13 @@ from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_chec
 @click.option("--revision", default=None, help="Hub revision of MODEL")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT")
 @click.option("--no-validate", is_flag=True, help="skip the validation at the end")
+@click.option("--validate-on", multiple=True, metavar="NAME=SOURCE",
+              help="held-out data for the validation (default: the evaluation split of demo calibration domains)")
+@click.option("--max-ppl-increase", type=float, default=None, help="validation gate, e.g. 0.05")
+@click.option("--min-cosine", type=float, default=None, help="validation gate on hidden-state cosine")
 def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
-           distill_steps, distill_router, device, dtype, revision, overwrite, no_validate):
+           distill_steps, distill_router, device, dtype, revision, overwrite, no_validate, validate_on, max_ppl_increase,
+           min_cosine):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
 
@@ -41,11 +47,22 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
         calibration=parse_named_sources(calibration) if calibration else {},
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision, device=device,
         dtype=dtype, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, distill_steps=distill_steps,
-        distill_router=distill_router,
+        distill_router=distill_router, validate=not no_validate,
+        validation_data=parse_named_sources(validate_on) if validate_on else {},
+        max_ppl_increase=max_ppl_increase, min_cosine=min_cosine,
     )
     result = export_checkpoint(model, plan, output, options)
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "
                f"compensation {result.compensation}")
+    if result.validation is not None:
+        from compressor.validation.cli import summary_table
+
+        click.echo(summary_table(result.validation))
+        if not result.validation.passed:
+            click.echo("validation FAILED (the output is written and its model card says so):\n  "
+                       + "\n  ".join(result.validation.failures), err=True)
     if not plan.is_uniform():
         click.echo("note: non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
                    "load the output with moe-compress's modeling code (import compressor, or trust_remote_code=True)")
+    if result.validation is not None and not result.validation.passed:
+        sys.exit(1)

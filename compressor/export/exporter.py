@@ -44,6 +44,11 @@ class ExportOptions:
     distill_lr: float = 1e-3
     distill_batch_tokens: int = 4096
     distill_router: bool = False
+    validate: bool = True
+    validation_data: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE; default: calibration's held-out
+    validation_tokens: int = 16384
+    max_ppl_increase: float | None = None
+    min_cosine: float | None = None
     progress: bool = True
 
 
@@ -54,6 +59,7 @@ class ExportResult:
     tensors: int
     bytes: int
     fit_report: dict = field(default_factory=dict)
+    validation: object | None = None  # ValidationReport when validated
 
 
 def parse_size(text: str) -> int:
@@ -163,11 +169,49 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             "bytes": total,
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        report = _validate_output(model, source_dir, staging, options) if options.validate else None
         from compressor.export.card import write_basic_card
 
-        write_basic_card(staging, output.name, family, config, new_config, plan, provenance, reader.total_bytes)
+        write_basic_card(staging, output.name, family, config, new_config, plan, provenance, reader.total_bytes,
+                         report)
     reader.close()
-    return ExportResult(output, compensation, len(outputs), total, fit_report)
+    return ExportResult(output, compensation, len(outputs), total, fit_report, report)
+
+
+def validation_sources(options: ExportOptions) -> dict[str, str]:
+    """Held-out data for the automatic validation: --validate-on, else the evaluation split of demo
+    calibration domains (calibration never overlaps evaluation)."""
+    if options.validation_data:
+        return dict(options.validation_data)
+    held_out = {}
+    for name, spec in options.calibration.items():
+        if spec.startswith("demo:"):
+            held_out[name] = spec.partition("@")[0] + "@evaluation"
+    return held_out
+
+
+def _validate_output(model: str, source_dir: Path, staging: Path, options: ExportOptions):
+    from compressor.validation.runner import ValidateOptions, validate_models
+
+    sources = validation_sources(options)
+    if not sources:
+        print("note: no held-out data for validation (give --validate-on NAME=SOURCE); output not validated")
+        return None
+    report = validate_models(
+        str(source_dir), str(staging), sources,
+        ValidateOptions(max_tokens=options.validation_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
+                        dtype=options.dtype, device=options.device, max_ppl_increase=options.max_ppl_increase,
+                        min_cosine=options.min_cosine, progress=options.progress),
+    )
+    report = report.model_copy(update={
+        "original": report.original.model_copy(update={"source": model}),
+        "compressed": report.compressed.model_copy(update={"source": "."}),
+    })
+    report.save(staging / "validation.json")
+    from compressor.validation.plots import write_validation_plots
+
+    write_validation_plots(report, staging / "plots")
+    return report
 
 
 def pruned_layer_loader(reader, family, mapping: TensorMapping, overrides: dict[str, torch.Tensor] | None = None):
