@@ -50,15 +50,42 @@ def inspect(model, revision):
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
 def report(files, output):
-    """Figures and a summary of a PROFILE.json (routing heatmaps, top-expert share, coverage)."""
+    """One HTML page (+ PNGs) from PROFILE.json, PLAN.json and/or validation.json; a summary.md per profile."""
     from compressor.profiling.report import write_profile_report
     from compressor.profiling.schema import Profile
+    from compressor.report import load_artifact, write_html_report
 
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} exists and is not a directory")
     for path in files:
-        summary = write_profile_report(Profile.load(path), output)
-        click.echo(f"wrote {summary} and figures in {output}")
+        if isinstance(load_artifact(path), Profile):
+            click.echo(f"wrote {write_profile_report(Profile.load(path), output)}")
+    click.echo(f"wrote {write_html_report(list(files), output)}")
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a recipe key, e.g. --set work_dir=/tmp/run --set export.compensation=scale")
+def run(recipe_path, overrides):
+    """Run a recipe: profile -> plan -> export (+ validation) -> push, skipping up-to-date stages."""
+    from compressor.recipe import load_recipe, run_recipe
+    from compressor.report import write_html_report
+
+    recipe = load_recipe(recipe_path, overrides)
+    outcome = run_recipe(recipe, echo=click.echo)
+    artifacts = outcome["artifacts"]
+    files = [artifacts["profile"], artifacts["plan"]] + ([artifacts["validation"]] if artifacts["validation"] else [])
+    page = write_html_report(files, Path(recipe.work_dir) / "report")
+    click.echo(f"report: {page}")
+    if artifacts["validation"]:
+        from compressor.validation.cli import summary_table
+        from compressor.validation.schema import ValidationReport
+
+        click.echo(summary_table(ValidationReport.load(artifacts["validation"])))
+    if outcome["passed"] is False:
+        click.echo("validation FAILED: see the report", err=True)
+        sys.exit(1)
 
 
 def _register_commands() -> None:
