@@ -164,6 +164,50 @@ class DeepseekV2Family(FamilyAdapter):
 
         return DeepseekV2Config
 
+    def attach_routing_observer(self, decoder_layer, callback):
+        """Swap the MoE block's forward for an equivalent one that also reports per-slot expert outputs."""
+        block = decoder_layer.mlp
+        if "forward" in vars(block):
+            raise RuntimeError("this MoE block already has an observer attached")
+
+        def forward(hidden_states):
+            shape = hidden_states.shape
+            flat = hidden_states.reshape(-1, shape[-1])
+            scores, topk_weight, topk_idx = block.gate(hidden_states)
+            topk_weight, order = topk_weight.sort(dim=-1, descending=True)  # slot 0 = highest weight
+            topk_idx = topk_idx.gather(-1, order)
+            outputs = _v2_expert_outputs(block.experts, flat, topk_idx)
+            routed = (outputs.float() * topk_weight.unsqueeze(-1)).sum(1).to(flat.dtype)
+            shared = block.shared_experts(flat)
+            callback(hidden_states=flat, scores=scores, topk_idx=topk_idx, topk_weight=topk_weight,
+                     expert_outputs=outputs, routed_output=routed, shared_output=shared)
+            return (routed + shared).view(shape)
+
+        block.forward = forward
+
+        def detach():
+            del block.forward
+
+        return detach
+
+    def run_decoder_layer(self, model, decoder_layer, hidden_states, attention_mask):
+        import inspect
+
+        from transformers.masking_utils import create_causal_mask
+
+        inner = model.model
+        if any(buffer.is_meta for buffer in inner.rotary_emb.buffers()):
+            with torch.device(hidden_states.device):
+                inner.rotary_emb = type(inner.rotary_emb)(model.config)
+        batch, seq_len, _ = hidden_states.shape
+        positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
+        cache_key = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+        mask = create_causal_mask(config=model.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                                  position_ids=positions, **{cache_key: None})
+        position_embeddings = inner.rotary_emb(hidden_states, positions)
+        return decoder_layer(hidden_states, attention_mask=mask, position_ids=positions,
+                             position_embeddings=position_embeddings)
+
     def layer_state_dict(self, config, layer, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         local = self._strip_layer_prefix(layer, tensors)
         if not self.is_moe_layer(config, layer):
@@ -214,3 +258,14 @@ class DeepseekV2Family(FamilyAdapter):
             else:
                 out[prefix + key] = tensor
         return out
+
+
+def _v2_expert_outputs(experts, flat, topk_idx):
+    """Unweighted outputs of each chosen expert of transformers' fused DeepseekV2Experts: [tokens, k, hidden]."""
+    tokens, k = topk_idx.shape
+    outputs = flat.new_empty(tokens, k, flat.shape[-1])
+    for expert in torch.unique(topk_idx).tolist():
+        rows, slots = torch.nonzero(topk_idx == expert, as_tuple=True)
+        gate, up = torch.nn.functional.linear(flat[rows], experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        outputs[rows, slots] = torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+    return outputs
