@@ -91,12 +91,14 @@ def run(recipe_path, overrides):
 def _register_commands() -> None:
     from compressor.data.cli import data
     from compressor.export.cli import export
+    from compressor.hub.cli import push
     from compressor.planning.cli import plan
     from compressor.profiling.cli import profile
     from compressor.validation.cli import validate
 
     cli.add_command(data)
     cli.add_command(export)
+    cli.add_command(push)
     cli.add_command(plan)
     cli.add_command(profile)
     cli.add_command(validate)

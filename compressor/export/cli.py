@@ -35,12 +35,18 @@ from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_chec
               help="held-out data for the validation (default: the evaluation split of demo calibration domains)")
 @click.option("--max-ppl-increase", type=float, default=None, help="validation gate, e.g. 0.05")
 @click.option("--min-cosine", type=float, default=None, help="validation gate on hidden-state cosine")
+@click.option("--push-to-hub", metavar="REPO_ID", default=None,
+              help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
 def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
            distill_steps, distill_router, device, dtype, revision, overwrite, no_validate, validate_on, max_ppl_increase,
-           min_cosine):
+           min_cosine, push_to_hub):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
 
+    if push_to_hub:  # a bad repo id or a missing token fails before the export, not after it
+        from compressor.hub import check_push_ready
+
+        check_push_ready(push_to_hub)
     plan = Plan.load(plan_path)
     options = ExportOptions(
         compensation=compensation,
@@ -64,5 +70,12 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
     if not plan.is_uniform():
         click.echo("note: non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
                    "load the output with moe-compress's modeling code (import compressor, or trust_remote_code=True)")
-    if result.validation is not None and not result.validation.passed:
+    failed = result.validation is not None and not result.validation.passed
+    if push_to_hub and failed:
+        click.echo(f"not pushing to {push_to_hub}: validation failed (`moe-compress push --force` would)", err=True)
+    elif push_to_hub:
+        from compressor.hub import push_output
+
+        click.echo(f"pushed to {push_to_hub}: {push_output(result.output, push_to_hub)}")
+    if failed:
         sys.exit(1)
