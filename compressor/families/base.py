@@ -241,7 +241,7 @@ class FamilyAdapter(ABC):
                 raise UserError(f"keep-plan: layer {layer!r} must map to a list of expert indices") from None
             if layer not in moe:
                 raise UserError(
-                    f"keep-plan names layer {layer}, which is not an MoE layer (MoE layers: {_ranges(moe)})"
+                    f"keep-plan names layer {layer}, which is not an MoE layer (MoE layers: {format_ranges(moe)})"
                 )
             count = self.num_experts(config, layer)
             if not experts:
@@ -254,7 +254,7 @@ class FamilyAdapter(ABC):
             plan[layer] = experts
         missing = [layer for layer in moe if layer not in plan]
         if missing:
-            raise UserError(f"keep-plan has no entry for MoE layers {_ranges(missing)}")
+            raise UserError(f"keep-plan has no entry for MoE layers {format_ranges(missing)}")
         if int(top_k) < 1:
             raise UserError(f"top_k must be at least 1, got {top_k}")
         smallest = min(plan, key=lambda layer: len(plan[layer]), default=None)
@@ -344,9 +344,9 @@ class FamilyAdapter(ABC):
         return f"<family {self.name} (model_type {', '.join(self.model_types)})>"
 
 
-def _ranges(layers: Iterable[int]) -> str:
+def format_ranges(layers: Iterable[int]) -> str:
     """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
-    layers = sorted(layers)
+    layers = sorted(int(layer) for layer in layers)
     parts, start = [], None
     for i, layer in enumerate(layers):
         if start is None:

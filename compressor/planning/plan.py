@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from compressor.families.base import format_ranges
 from compressor.errors import UserError
 from compressor.profiling.schema import ModelIdentity, config_hash
 
@@ -120,11 +121,11 @@ def plan_problem(plan: Plan) -> str | None:
         if layer in layers:
             return f"layers: layer {layer} appears twice"
         if layer not in moe:
-            return f"layer {layer} is not an MoE layer of {model.source} (MoE layers: {_ranges(moe)})"
+            return f"layer {layer} is not an MoE layer of {model.source} (MoE layers: {format_ranges(moe)})"
         layers[layer] = list(spec.keep)
     missing = [layer for layer in moe if layer not in layers]
     if missing:
-        return f"no entry for MoE layers {_ranges(missing)} (every MoE layer needs its kept experts)"
+        return f"no entry for MoE layers {format_ranges(missing)} (every MoE layer needs its kept experts)"
     if plan.top_k < 1:
         return f"top_k must be at least 1, got {plan.top_k}"
     for layer in sorted(layers):
@@ -160,8 +161,8 @@ def check_plan_matches(plan: Plan, config: Mapping, family) -> dict[int, list[in
     moe = family.moe_layers(config)
     if [int(layer) for layer in plan.model.moe_layers] != moe:
         raise UserError(
-            f"{label} is for another model (MoE layers differ: the plan's {_ranges(plan.model.moe_layers)}, "
-            f"this model's {_ranges(moe)}); it was made for {plan.model.source}"
+            f"{label} is for another model (MoE layers differ: the plan's {format_ranges(plan.model.moe_layers)}, "
+            f"this model's {format_ranges(moe)}); it was made for {plan.model.source}"
         )
     for layer in moe:
         planned, actual = _expert_count(plan.model, layer), family.num_experts(config, layer)
@@ -182,14 +183,3 @@ def check_plan_matches(plan: Plan, config: Mapping, family) -> dict[int, list[in
     return family.check_kept(config, plan.kept(), plan.top_k)
 
 
-def _ranges(layers) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
-    layers = sorted(int(layer) for layer in layers)
-    parts, start = [], None
-    for i, layer in enumerate(layers):
-        if start is None:
-            start = layer
-        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
-            parts.append(str(start) if start == layer else f"{start}-{layer}")
-            start = None
-    return ", ".join(parts) or "none"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from compressor.errors import UserError
-from compressor.planning.plan import COMPENSATIONS, LayerPlan, Plan, StrategyRecord, _ranges
+from compressor.families.base import format_ranges
+from compressor.planning.plan import COMPENSATIONS, LayerPlan, Plan, StrategyRecord
 from compressor.profiling.schema import Profile
 
 STRATEGIES = ("uniform", "coverage", "global")
@@ -392,7 +393,7 @@ def _domain_weights(profile: Profile, domains: dict[str, float] | None) -> dict[
 def _check_protect(protect: dict[int, set[int]], counts: dict[int, int]) -> None:
     for layer, experts in sorted(protect.items()):
         if layer not in counts:
-            raise UserError(f"--protect names layer {layer}, which is not an MoE layer (MoE layers: {_ranges(counts)})")
+            raise UserError(f"--protect names layer {layer}, which is not an MoE layer (MoE layers: {format_ranges(counts)})")
         for expert in sorted(experts):
             if not 0 <= expert < counts[layer]:
                 raise UserError(f"--protect {layer}:{expert}: layer {layer} has experts 0..{counts[layer] - 1}")

@@ -96,7 +96,7 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
         ax.set_ylabel("decoder layer")
         ax.set_title(f"{domain}: share of tokens routed to each expert (top-{k})")
         fig.colorbar(image, ax=ax, label="% of tokens")
-        written.append(_save(fig, directory / f"heatmap-{_slug(domain)}.png"))
+        written.append(save_figure(fig, directory / f"heatmap-{_slug(domain)}.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for domain in profile.domains:
@@ -108,7 +108,7 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
     ax.set_ylabel("most-used expert's share of tokens (%)")
     ax.set_title("Top-expert share per layer")
     ax.legend(fontsize="small")
-    written.append(_save(fig, directory / "top-expert-share.png"))
+    written.append(save_figure(fig, directory / "top-expert-share.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for domain in profile.domains:
@@ -120,7 +120,7 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
     ax.set_title("Coverage curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    written.append(_save(fig, directory / "coverage.png"))
+    written.append(save_figure(fig, directory / "coverage.png"))
     return written
 
 
@@ -146,7 +146,8 @@ def write_profile_report(profile: Profile, directory: Path) -> Path:
     return summary
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compressor.errors import UserError
+from compressor.io.json_files import load_json_model, save_json_model
 
 PROFILE_FORMAT_VERSION = 1
 STATISTICS = ("selected", "top1", "gate_mass", "reap")
@@ -99,23 +99,11 @@ class Profile(_Strict):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        from compressor.io.atomic import write_text_atomic
-
-        write_text_atomic(Path(path), self.model_dump_json(indent=1, exclude_none=True) + "\n")
+        save_json_model(self, path, exclude_none=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        path = Path(path)
-        try:
-            return cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"profile {path} does not exist") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"{path} is not a valid profile: {where}: {first['msg']}") from None
-        except ValueError as error:
-            raise UserError(f"{path} is not a valid profile: {error}") from None
+        return load_json_model(cls, path, "profile")
 
 
 def config_hash(config: dict) -> str:

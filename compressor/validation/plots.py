@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.profiling.report import save_figure
 from compressor.validation.schema import ValidationReport
 
 
@@ -29,7 +30,7 @@ def write_validation_plots(report: ValidationReport, directory: Path) -> list[Pa
     ax.set_ylabel("perplexity (held-out tokens)")
     ax.set_title("Perplexity per domain: original vs compressed")
     ax.legend()
-    paths = [_save(fig, directory / "perplexity.png")]
+    paths = [save_figure(fig, directory / "perplexity.png")]
 
     layers = sorted(report.layers, key=int)
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -42,14 +43,5 @@ def write_validation_plots(report: ValidationReport, directory: Path) -> list[Pa
     ax.set_title("Residual stream after each layer: original vs compressed")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(_save(fig, directory / "cosine.png"))
+    paths.append(save_figure(fig, directory / "cosine.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from compressor.errors import UserError
+from compressor.io.json_files import load_json_model, save_json_model
 
 VALIDATION_FORMAT_VERSION = 1
 
@@ -57,18 +57,8 @@ class ValidationReport(_Strict):
     failures: list[str]
 
     def save(self, path: str | Path) -> None:
-        from compressor.io.atomic import write_text_atomic
-
-        write_text_atomic(Path(path), self.model_dump_json(indent=1) + "\n")
+        save_json_model(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ValidationReport":
-        path = Path(path)
-        try:
-            return cls.model_validate_json(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"validation report {path} does not exist") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            raise UserError(f"{path} is not a valid validation report: "
-                            f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return load_json_model(cls, path, "validation report")
