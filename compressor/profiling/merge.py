@@ -14,7 +14,7 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
         raise UserError("nothing to merge")
     first = profiles[0]
     for other in profiles[1:]:
-        for key in ("family", "config_hash", "experts_per_layer"):
+        for key in ("family", "config_hash", "experts_per_layer", "top_k"):  # config_hash ignores top_k
             if getattr(other.model, key) != getattr(first.model, key):
                 raise UserError(
                     f"cannot merge profiles of different models ({key} differs: "

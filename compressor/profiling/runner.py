@@ -66,11 +66,18 @@ def load_tokenizer(model_dir: Path):
 class _Distributed:
     """Rank/world of a torch.distributed run (torchrun / accelerate launch), or a single process."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            # one GPU per rank (torchrun sets LOCAL_RANK), not every rank on the current device
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            # the backend must match where the accumulators live (--device cpu on a GPU machine: gloo)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
 
     def mine(self, index: int) -> bool:
@@ -110,7 +117,8 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
             raise UserError(f"domain {name!r} has token id {too_big}, outside the model's vocabulary of {vocab}")
         domain_sequences[name] = sequences
 
-    dist = _Distributed()
+    dist = _Distributed(device)
+    device = dist.device
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
     run = _run_layerwise if options.layerwise else _run_whole_model
     domains = run(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id)
@@ -145,7 +153,8 @@ def _progress(name, total, options, dist):
 
 
 def _reduce_domain(collector, tokens, dist):
-    counter = torch.tensor([float(tokens)], dtype=torch.float64)
+    # on the accumulators' device: NCCL reduces CUDA tensors only
+    counter = torch.tensor([float(tokens)], dtype=torch.float64, device=dist.device)
     dist.all_reduce([t for acc in collector.layers.values() for t in acc.tensors()] + [counter])
     return int(round(float(counter)))
 
