@@ -1,7 +1,7 @@
 """Recipes: profile -> plan -> export (+ validation) -> push in one command, with every artifact in a work dir.
 
 Stages whose inputs have not changed (content hashes of their settings and of the artifacts they read)
-are skipped, so re-running a recipe after changing e.g. `export.compensation` redoes only export.
+are skipped, so re-running a recipe after changing e.g. `plan.keep_fraction` redoes plan and export, not profile.
 """
 
 from __future__ import annotations

@@ -93,6 +93,9 @@ def write_html_report(paths: list[Path], directory: Path) -> Path:
                 f"(original {artifact.original.parameters / 1e6:.1f}M).</p>"
                 + _table(["domain", "tokens", "perplexity original", "perplexity compressed", "change",
                           "KL (nats)", "top-1 agreement"], rows)
+                + _table(["decoder layer", "hidden-state cosine (mean)", "5th percentile"],
+                         [[layer, f"{r.cosine_mean:.4f}", f"{r.cosine_p5:.4f}"]
+                          for layer, r in sorted(artifact.layers.items(), key=lambda item: int(item[0]))])
                 + "".join(_image(f, f.stem) for f in figures)
             )
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"

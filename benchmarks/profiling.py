@@ -1,7 +1,7 @@
 """Profiling overhead and memory: tokens/s of profiling vs a plain forward, peak RSS whole vs --layerwise.
 
-    python benchmarks/profile.py                 # reference model + a generated 16B-width checkpoint
-    python benchmarks/profile.py --skip-16b      # reference model only
+    python benchmarks/profiling.py                 # reference model + a generated 16B-width checkpoint
+    python benchmarks/profiling.py --skip-16b      # reference model only
 
 (a) the shipped reference model on demo calibration text; (b) a random checkpoint with DeepSeekMoE-16B's
 real widths (hidden 2048, 64 experts x 1408, 2 shared, vocab 102400) and 3 layers, on random token ids.
