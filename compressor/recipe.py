@@ -59,7 +59,8 @@ class ExportStage(_Section):
 class ValidateStage(_Section):
     domains: dict[str, str] = Field(default_factory=dict, description="held-out NAME: SOURCE (demo: evaluation split)")
     max_tokens: int = 16384
-    max_ppl_increase: float | None = None
+    max_ppl_increase: float | dict[str, float] | None = Field(
+        None, description="relative limit for every domain, or {domain: limit} for the domains it names")
     min_cosine: float | None = None
 
 
@@ -171,6 +172,9 @@ class _State:
     def fresh(self, stage: str, digest: str, artifact: Path) -> bool:
         return self.data.get(stage) == digest and artifact.exists()
 
+    def forget(self, stage: str) -> None:
+        self.data.pop(stage, None)
+
     def record(self, stage: str, digest: str) -> None:
         from compressor.io.atomic import write_text_atomic
 
@@ -181,7 +185,8 @@ class _State:
 def run_recipe(recipe: Recipe, echo=print) -> dict:
     """Run every stage (skipping up-to-date ones); returns artifact paths and whether validation passed."""
     from compressor import __version__
-    from compressor.export.exporter import ExportOptions, export_checkpoint, parse_size
+    from compressor.export.exporter import ExportOptions, export_checkpoint, parse_size, validate_export
+    from compressor.validation.cli import summary_table
     from compressor.io.resolve import resolve_model
     from compressor.planning import Plan, PlanOptions, make_plan
     from compressor.profiling import Profile, ProfileOptions, profile_model
@@ -221,25 +226,38 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         echo(f"plan: wrote {artifacts['plan']}")
 
     validate = recipe.validate_
-    digest = _digest(__version__, model_digest, _file_digest(artifacts["plan"]), recipe.export.model_dump(),
-                     validate.model_dump() if validate else None, recipe.dtype)
+    e = recipe.export
+    export_options = ExportOptions(
+        compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
+        overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
+        max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
+        distill_router=e.distill_router, validate=False,
+        validation_data=validate.domains if validate else {},
+        validation_tokens=validate.max_tokens if validate else 16384,
+        max_ppl_increase=validate.max_ppl_increase if validate else None,
+        min_cosine=validate.min_cosine if validate else None)
+    digest = _digest(__version__, model_digest, _file_digest(artifacts["plan"]), e.model_dump(), recipe.dtype)
     if state.fresh("export", digest, artifacts["model"]):
         echo(f"export: up to date ({artifacts['model']})")
     else:
-        e = recipe.export
-        result = export_checkpoint(recipe.model, Plan.load(artifacts["plan"]), artifacts["model"], ExportOptions(
-            compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
-            overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
-            max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
-            distill_router=e.distill_router, validate=validate is not None,
-            validation_data=validate.domains if validate else {},
-            validation_tokens=validate.max_tokens if validate else 16384,
-            max_ppl_increase=validate.max_ppl_increase if validate else None,
-            min_cosine=validate.min_cosine if validate else None))
+        result = export_checkpoint(recipe.model, Plan.load(artifacts["plan"]), artifacts["model"], export_options)
+        state.forget("validate")
         state.record("export", digest)
         echo(f"export: wrote {artifacts['model']} ({result.bytes / 2**20:.1f} MiB, compensation {result.compensation})")
 
     validation_path = artifacts["model"] / "validation.json"
+    if validate is not None:
+        # its own stage: changing a threshold or the held-out data re-validates without re-exporting
+        digest = _digest(__version__, state.data["export"], validate.model_dump())
+        if state.fresh("validate", digest, validation_path):
+            echo(f"validate: up to date ({validation_path})")
+        else:
+            report = validate_export(recipe.model, artifacts["model"], export_options)
+            if report is None:
+                raise UserError("validate: no held-out data; list validate.domains (NAME: SOURCE)")
+            state.record("validate", digest)
+            echo(f"validate: wrote {validation_path}\n{summary_table(report)}")
+
     passed = None
     if validation_path.exists():
         from compressor.validation.schema import ValidationReport

@@ -206,7 +206,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def stage_lines(out: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"^(profile|plan|export): (.*)$", out, re.MULTILINE)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(profile|plan|export|validate): (.*)$", out, re.MULTILINE)}
 
 
 def snapshot(work: Path) -> dict[str, tuple[int, int]]:
@@ -225,7 +225,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
     stages = stage_lines(out)
-    assert all(stages[s].startswith("wrote") for s in ("profile", "plan", "export")), out
+    assert all(stages[s].startswith("wrote") for s in ("profile", "plan", "export", "validate")), out
 
     profile = Profile.load(work / "profile.json")
     assert set(profile.domains) == {"code", "math"}
@@ -251,7 +251,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
     stages = stage_lines(out)
-    assert set(stages) == {"profile", "plan", "export"}
+    assert set(stages) == {"profile", "plan", "export", "validate"}
     assert all(line.startswith("up to date") for line in stages.values()), out
     assert snapshot(work) == before
 
@@ -260,7 +260,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     assert code == 0, err
     stages = stage_lines(out)
     assert stages["profile"].startswith("up to date")
-    assert stages["plan"].startswith("wrote") and stages["export"].startswith("wrote")
+    assert all(stages[s].startswith("wrote") for s in ("plan", "export", "validate")), out
     after = snapshot(work)
     assert after["profile.json"] == before["profile.json"]
     assert after["plan.json"] != before["plan.json"] and after["model/config.json"] != before["model/config.json"]
@@ -269,13 +269,16 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     assert ValidationReport.load(work / "model" / "validation.json").compressed.parameters < \
         validation.compressed.parameters
 
-    # a validation gate that fails: export (with its validation) reruns, the run exits 1
+    # a validation gate that fails: only validation reruns (the export is kept), the run exits 1
+    before = snapshot(work)
     code, out, err = run_cli(["run", recipe, "--set", "plan.keep_fraction=0.25",
                               "--set", "validate.min_cosine=0.999999"], capsys)
     assert code == 1, (out, err)
     stages = stage_lines(out)
     assert stages["profile"].startswith("up to date") and stages["plan"].startswith("up to date")
-    assert stages["export"].startswith("wrote")
+    assert stages["export"].startswith("up to date") and stages["validate"].startswith("wrote")
+    weights = [name for name in before if name.endswith((".safetensors", "config.json"))]
+    assert weights and all(snapshot(work)[name] == before[name] for name in weights)
     assert "validation FAILED" in err
     failed = ValidationReport.load(work / "model" / "validation.json")
     assert not failed.passed and all(f.startswith("layer ") for f in failed.failures)

@@ -327,6 +327,27 @@ def test_cli_thresholds_fail_and_pass(report, source, pruned, data, tmp_path, ca
     assert ValidationReport.load(output).passed
 
 
+def test_per_domain_perplexity_gates(report, source, pruned, data, tmp_path, capsys):
+    """NAME=X gates only the named domains; each domain is held to its own limit; unknown names are refused."""
+    alpha, beta = report.domains["alpha"].perplexity_increase, report.domains["beta"].perplexity_increase
+    gate = f"alpha={alpha - 1e-3},beta={beta + 1e-3}"
+    output = tmp_path / "gates.json"
+    code, out, err = run_cli(validate_argv(source, pruned, data, output, "--max-ppl-increase", gate), capsys)
+    assert code == 1
+    saved = ValidationReport.load(output)
+    assert [f.split(":")[0] for f in saved.failures] == ["alpha"]
+    assert saved.thresholds.max_ppl_increase == pytest.approx({"alpha": alpha - 1e-3, "beta": beta + 1e-3})
+
+    code, out, err = run_cli(validate_argv(source, pruned, data, tmp_path / "beta-only.json",
+                                           "--max-ppl-increase", f"beta={beta + 1e-3}"), capsys)
+    assert code == 0, err  # alpha is not gated
+
+    for bad, message in (("gamma=0.1", "gamma"), ("alpha=x", "--max-ppl-increase")):
+        code, out, err = run_cli(validate_argv(source, pruned, data, tmp_path / "bad.json",
+                                               "--max-ppl-increase", bad), capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_cli_writes_report_and_plots(report, source, pruned, data, tmp_path, capsys):
     output = tmp_path / "validation.json"
     code, out, err = run_cli(validate_argv(source, pruned, data, output), capsys)

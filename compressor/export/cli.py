@@ -9,6 +9,7 @@ import click
 
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_checkpoint, parse_size
+from compressor.validation.runner import parse_ppl_gate
 
 
 @click.command()
@@ -33,7 +34,8 @@ from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_chec
 @click.option("--no-validate", is_flag=True, help="skip the validation at the end")
 @click.option("--validate-on", multiple=True, metavar="NAME=SOURCE",
               help="held-out data for the validation (default: the evaluation split of demo calibration domains)")
-@click.option("--max-ppl-increase", type=float, default=None, help="validation gate, e.g. 0.05")
+@click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
+              help="validation gate: 0.05 for every domain, or code=0.05,english=0.5")
 @click.option("--min-cosine", type=float, default=None, help="validation gate on hidden-state cosine")
 @click.option("--push-to-hub", metavar="REPO_ID", default=None,
               help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
@@ -55,7 +57,7 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
         dtype=dtype, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, distill_steps=distill_steps,
         distill_router=distill_router, validate=not no_validate,
         validation_data=parse_named_sources(validate_on) if validate_on else {},
-        max_ppl_increase=max_ppl_increase, min_cosine=min_cosine,
+        max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
     )
     result = export_checkpoint(model, plan, output, options)
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "

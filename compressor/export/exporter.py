@@ -47,7 +47,7 @@ class ExportOptions:
     validate: bool = True
     validation_data: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE; default: calibration's held-out
     validation_tokens: int = 16384
-    max_ppl_increase: float | None = None
+    max_ppl_increase: float | dict[str, float] | None = None  # per domain when a dict
     min_cosine: float | None = None
     progress: bool = True
 
@@ -188,6 +188,22 @@ def validation_sources(options: ExportOptions) -> dict[str, str]:
         if spec.startswith("demo:"):
             held_out[name] = spec.partition("@")[0] + "@evaluation"
     return held_out
+
+
+def validate_export(model: str, output: Path, options: ExportOptions):
+    """Validate an existing export of `model` in place: validation.json, plots/ and the model card's table."""
+    from compressor.export.card import write_basic_card
+    from compressor.planning import Plan
+
+    source_dir, _ = resolve_model(model, options.revision)
+    report = _validate_output(model, source_dir, output, options)
+    if report is not None:
+        reader = CheckpointReader(source_dir)
+        write_basic_card(output, output.name, detect_family(reader.config), reader.config,
+                         json.loads((output / "config.json").read_text()), Plan.load(output / PLAN_FILE),
+                         json.loads((output / PROVENANCE_FILE).read_text()), reader.total_bytes, report)
+        reader.close()
+    return report
 
 
 def _validate_output(model: str, source_dir: Path, staging: Path, options: ExportOptions):

@@ -10,7 +10,7 @@ import click
 from compressor.cli_support import checked_output_path
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 from compressor.validation.plots import write_validation_plots
-from compressor.validation.runner import ValidateOptions, validate_models
+from compressor.validation.runner import ValidateOptions, parse_ppl_gate, validate_models
 
 
 def summary_table(report) -> str:
@@ -34,7 +34,8 @@ def summary_table(report) -> str:
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="tokens per domain")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-ppl-increase", type=float, default=None, help="fail when a domain's perplexity rises more (e.g. 0.05)")
+@click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
+              help="fail when a domain's perplexity rises more: 0.05 for all, or code=0.05,english=0.5")
 @click.option("--min-cosine", type=float, default=None, help="fail when a layer's mean hidden-state cosine is lower")
 @click.option("--layerwise", is_flag=True, help="run both models one decoder layer at a time, in lockstep")
 @click.option("--dtype", default="float32", show_default=True)
@@ -47,7 +48,7 @@ def validate(original, compressed, data, output, max_tokens, seq_len, batch_size
     checked_output_path(output, overwrite)
     options = ValidateOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                               device=device, layerwise=layerwise, text_field=text_field,
-                              max_ppl_increase=max_ppl_increase, min_cosine=min_cosine)
+                              max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine)
     report = validate_models(original, compressed, parse_named_sources(data), options)
     report.save(output)
     plots = write_validation_plots(report, output.parent / f"{output.stem}-plots")

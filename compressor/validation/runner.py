@@ -38,7 +38,7 @@ class ValidateOptions:
     device: str = "auto"
     layerwise: bool = False
     text_field: str = "text"
-    max_ppl_increase: float | None = None
+    max_ppl_increase: float | dict[str, float] | None = None  # one limit for all domains, or per domain
     min_cosine: float | None = None
     default_split: str = "evaluation"
     progress: bool = True
@@ -98,6 +98,32 @@ def _check_related(original_dir: Path, compressed_dir: Path, a: dict, b: dict) -
         raise UserError("the two models are unrelated: their tokenizer.json files differ")
 
 
+def ppl_limits(gate: float | dict[str, float] | None, domains) -> dict[str, float]:
+    """The perplexity-increase limit of each gated domain (a dict gates only the domains it names)."""
+    if gate is None:
+        return {}
+    if not isinstance(gate, dict):
+        return {name: float(gate) for name in domains}
+    unknown = sorted(set(gate) - set(domains))
+    if unknown:
+        raise UserError(f"perplexity gate names domain(s) {', '.join(unknown)} that are not validated "
+                        f"(validated: {', '.join(domains)})")
+    return {name: float(limit) for name, limit in gate.items()}
+
+
+def parse_ppl_gate(text: str | None) -> float | dict[str, float] | None:
+    """'0.05' (every domain) or 'code=0.05,math=0.05,english=0.5' (only those domains)."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return float(text)
+        return {name.strip(): float(value) for name, value in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise UserError(f"--max-ppl-increase {text!r}: give a number (0.05) or NAME=NUMBER,... "
+                        "(code=0.05,english=0.5)") from None
+
+
 def validate_models(original: str, compressed: str, sources: dict[str, str],
                     options: ValidateOptions | None = None) -> ValidationReport:
     """Compare `compressed` with `original` on each NAME=SOURCE (default split: evaluation)."""
@@ -105,6 +131,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
     loaded = {name: load_source(spec, default_split=options.default_split, text_field=options.text_field)
               for name, spec in sources.items()}
+    ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     readers = CheckpointReader(original_dir), CheckpointReader(compressed_dir)
@@ -140,10 +167,10 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
                                          cosine_p5=float(torch.quantile(values, 0.05)))
     domains = {name: acc.result(loaded[name].description()) for name, acc in accumulators.items()}
     failures = []
-    if options.max_ppl_increase is not None:
-        failures += [f"{name}: perplexity +{100 * d.perplexity_increase:.1f}% exceeds "
-                     f"+{100 * options.max_ppl_increase:.1f}%"
-                     for name, d in domains.items() if d.perplexity_increase > options.max_ppl_increase]
+    for name, limit in ppl_limits(options.max_ppl_increase, domains).items():
+        if domains[name].perplexity_increase > limit:
+            failures.append(f"{name}: perplexity {100 * domains[name].perplexity_increase:+.1f}% exceeds "
+                            f"+{100 * limit:.1f}%")
     if options.min_cosine is not None:
         failures += [f"layer {layer}: hidden-state cosine {r.cosine_mean:.4f} is below {options.min_cosine}"
                      for layer, r in layers.items() if r.cosine_mean < options.min_cosine]

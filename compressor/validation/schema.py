@@ -40,7 +40,7 @@ class LayerResult(_Strict):
 
 
 class Thresholds(_Strict):
-    max_ppl_increase: float | None = None
+    max_ppl_increase: float | dict[str, float] | None = None  # a dict gates only the domains it names
     min_cosine: float | None = None
 
 
