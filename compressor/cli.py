@@ -94,6 +94,7 @@ def _register_commands() -> None:
     from compressor.hub.cli import push
     from compressor.planning.cli import plan
     from compressor.profiling.cli import profile
+    from compressor.serving.cli import serve_check
     from compressor.validation.cli import validate
 
     cli.add_command(data)
@@ -101,6 +102,7 @@ def _register_commands() -> None:
     cli.add_command(push)
     cli.add_command(plan)
     cli.add_command(profile)
+    cli.add_command(serve_check)
     cli.add_command(validate)
 
 

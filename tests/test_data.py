@@ -216,6 +216,9 @@ def test_named_sources_and_file_forms(tmp_path):
     assert load_source(str(rows), text_field="body").texts == ["hello", "world"]
     with pytest.raises(UserError, match="no field 'text'"):
         load_source(str(rows))
+    assert load_source(f"{rows}#body").texts == ["hello", "world"]  # the source names its own text field
+    with pytest.raises(UserError, match="no field 'title'"):
+        load_source(f"{rows}#title", text_field="body")
     ids = tmp_path / "ids.jsonl"
     ids.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n")
     assert load_source(str(ids)).token_ids == [[5, 6, 7]]

@@ -909,7 +909,8 @@ def v2_source(tmp_path_factory) -> Path:
     ({1: [1, 2, 5, 6], 2: [0, 3, 4]}, 1, "none", "same expert count in every layer"),
     ({1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, 1, "renorm", "cannot be expressed for DeepSeek-V2"),
     ({1: [0, 1, 2, 3], 2: [0, 3, 4, 7]}, 1, "none", "every group must keep the same number"),
-], ids=["non-uniform", "renorm", "unbalanced-groups"])
+    ({1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, 1, "distill", "not implemented for DeepSeek-V2"),
+], ids=["non-uniform", "renorm", "unbalanced-groups", "fitted"])
 def test_deepseek_v2_plans_it_cannot_express_are_refused(v2_source, tmp_path, capsys, keep, top_k, compensation,
                                                          message):
     plan = write_plan(tmp_path / "plan.json", v2_source, keep, top_k, compensation)

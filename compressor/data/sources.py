@@ -5,7 +5,9 @@ SOURCE forms:
 - ``path/to/file.txt`` or a folder of ``*.txt``  each file one document;
 - ``file.jsonl`` / ``file.parquet``           rows with a text field (``--text-field``, default ``text``);
 - ``file.jsonl`` whose rows carry ``input_ids`` pre-tokenized: each row is one sequence exactly as given;
-- ``hf:<repo>[:<config>][@<split>]``          a dataset through `datasets` (offline from its cache).
+- ``hf:<repo>[:<config>][@<split>]``          a dataset through `datasets` (offline from its cache); the split
+  may be sliced as `datasets` allows (``@train[:90%]``), so calibration and evaluation can share a split.
+Row sources may end in ``#<field>`` to name their text field (overrides ``--text-field`` for that source).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 
 from compressor.errors import UserError
 
-SOURCE_FORMS = "demo:<domain>[@split], a .txt file or folder, .jsonl/.parquet, or hf:<repo>[:<config>][@<split>]"
+SOURCE_FORMS = ("demo:<domain>[@split], a .txt file or folder, .jsonl/.parquet[#field], "
+                "or hf:<repo>[:<config>][@<split>][#field]")
 
 
 @dataclass
@@ -68,6 +71,7 @@ def load_source(spec: str, *, default_split: str = "calibration", text_field: st
     """Load one SOURCE (see module docstring). Errors are one-line UserErrors."""
     if spec.startswith("demo:"):
         return _load_demo(spec, default_split)
+    spec, text_field = _split_text_field(spec, text_field)
     if spec.startswith("hf:"):
         return _load_hub_dataset(spec, default_split, text_field)
     path = Path(spec).expanduser()
@@ -90,6 +94,15 @@ def load_source(spec: str, *, default_split: str = "calibration", text_field: st
         rows = pq.read_table(path).to_pylist()
         return _checked(_rows_source("parquet", spec, rows, text_field))
     raise UserError(f"unsupported data source {spec!r}: use {SOURCE_FORMS}")
+
+
+def _split_text_field(spec: str, text_field: str) -> tuple[str, str]:
+    """`source#field` -> (source, field) for row sources (hf:, .jsonl, .parquet); otherwise unchanged."""
+    body, hash_sign, field_name = spec.rpartition("#")
+    row_source = body.startswith("hf:") or body.lower().endswith((".jsonl", ".parquet"))
+    if hash_sign and row_source and field_name.replace("_", "").replace("-", "").isalnum():
+        return body, field_name
+    return spec, text_field
 
 
 def _load_demo(spec: str, default_split: str) -> LoadedSource:

@@ -29,20 +29,23 @@ def write_basic_card(directory: Path, title: str, family, config: dict, new_conf
         f"| {layer} | {counts[layer]} / {family.num_experts(config, layer)} | {', '.join(map(str, experts))} |"
         for layer, experts in sorted(kept.items())
     )
-    native = family.native_transformers_support(config, kept, plan.top_k)
+    not_native = family.native_transformers_support(config, kept, plan.top_k)
+    ships_code = "auto_map" in new_config
     loading = [
         "```python",
-        "import compressor  # moe-compress registers its DeepSeekMoE implementation" if native else "",
+        "import compressor  # moe-compress registers its modeling code" if ships_code else "",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'model = AutoModelForCausalLM.from_pretrained("{title}")',
         "```",
     ]
-    if native:
+    if ships_code:
         loading += [
             "",
             f"Without moe-compress installed: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` "
-            f"(the directory ships the modeling code). Why: {native}.",
+            f"(the directory ships the modeling code). Why: {not_native}.",
         ]
+    elif not_native:
+        loading += ["", f"Note: {not_native}."]
     if not uniform:
         loading += [
             "",
@@ -101,6 +104,11 @@ def _validation_section(report) -> list[str]:
                      f"{100 * d.perplexity_increase:+.1f}% | {d.kl_mean:.4f} | {100 * d.top1_agreement:.1f}% |")
     worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
     lines += ["", f"Lowest hidden-state cosine: layer {worst[0]}, mean {worst[1].cosine_mean:.4f} "
-              f"(5th percentile {worst[1].cosine_p5:.4f}). Full report: `validation.json`.", "",
-              "![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
+              f"(5th percentile {worst[1].cosine_p5:.4f}). Full report: `validation.json`.", ""]
+    if report.throughput is not None:
+        t = report.throughput
+        lines += [f"Forward throughput on the validation batches ({t.device}, {t.threads} threads): "
+                  f"{t.original_tokens_per_second:,.0f} tokens/s original, {t.compressed_tokens_per_second:,.0f} "
+                  f"compressed.", ""]
+    lines += ["![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
     return lines

@@ -113,10 +113,10 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     family.validate_checkpoint(config, reader.names())
     check_plan_matches(plan, config, family)
     kept = plan.kept()
-    if compensation in FITTED_COMPENSATIONS and not options.calibration:
-        raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     new_config = family.pruned_config(config, kept, plan.top_k)
     new_config.update(family.compensation_config(config, compensation))
+    if compensation in FITTED_COMPENSATIONS and not options.calibration:
+        raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     mapping = TensorMapping(family, kept)
     outputs = mapping.plan(reader)
 

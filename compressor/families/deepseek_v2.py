@@ -139,8 +139,10 @@ class DeepseekV2Family(FamilyAdapter):
         if compensation == "renorm":
             raise UserError(
                 "compensation 'renorm' cannot be expressed for DeepSeek-V2: transformers' DeepSeek-V2 never "
-                "renormalises the top-k weights; use none, scale, refit or distill"
+                "renormalises the top-k weights; use none"
             )
+        if compensation != "none":
+            raise UserError(f"compensation {compensation!r} (fitted) is not implemented for DeepSeek-V2 yet; use none")
         return {}
 
     def native_transformers_support(self, config, kept, top_k, *, ungroup: bool = False) -> str | None:

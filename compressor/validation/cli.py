@@ -22,6 +22,11 @@ def summary_table(report) -> str:
     worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
     lines.append(f"lowest hidden-state cosine: layer {worst[0]} (mean {worst[1].cosine_mean:.4f}, "
                  f"5th percentile {worst[1].cosine_p5:.4f})")
+    if report.throughput is not None:
+        t = report.throughput
+        lines.append(f"forward tokens/s ({t.device}, {t.threads} threads): original {t.original_tokens_per_second:,.0f}, "
+                     f"compressed {t.compressed_tokens_per_second:,.0f} "
+                     f"({t.compressed_tokens_per_second / t.original_tokens_per_second:.2f}x)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from compressor.io.resolve import resolve_model
 from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
 from compressor.profiling.runner import load_tokenizer, resolve_device, resolve_dtype
 from compressor.profiling.schema import config_hash
-from compressor.validation.schema import DomainResult, LayerResult, ModelRef, Thresholds, ValidationReport
+from compressor.validation.schema import (
+    DomainResult, LayerResult, ModelRef, Thresholds, Throughput, ValidationReport,
+)
 
 
 @dataclass
@@ -155,7 +158,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     accumulators = {name: _DomainAccumulator() for name in loaded}
     layer_cosines: dict[int, list[torch.Tensor]] = {}
     run = _run_layerwise if options.layerwise else _run_whole
-    run(readers, families, configs, (original_dir, compressed_dir), work, accumulators, layer_cosines,
+    throughput = run(readers, families, configs, (original_dir, compressed_dir), work, accumulators, layer_cosines,
         device, dtype, options)
     for reader in readers:
         reader.close()
@@ -181,7 +184,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
         settings={"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
                   "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise},
         thresholds=Thresholds(max_ppl_increase=options.max_ppl_increase, min_cosine=options.min_cosine),
-        domains=domains, layers=layers, passed=not failures, failures=failures,
+        domains=domains, layers=layers, throughput=throughput, passed=not failures, failures=failures,
     )
 
 
@@ -189,18 +192,31 @@ def _run_whole(readers, families, configs, dirs, work, accumulators, layer_cosin
     models = [family.model_class(config).from_pretrained(directory, dtype=dtype).to(device).eval()
               for family, config, directory in zip(families, configs, dirs)]
     total = sum(batch.tokens for _, batch in work)
+    seconds = [0.0, 0.0]
     with torch.no_grad(), tqdm(total=total, desc="validate", unit="tok", unit_scale=True,
                                disable=not options.progress, dynamic_ncols=True) as bar:
         for name, batch in work:
             ids = batch.input_ids.to(device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-            outputs = [m(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
-                       for m in models]
+            outputs = []
+            for i, m in enumerate(models):
+                _synchronize(device)
+                start = time.perf_counter()
+                outputs.append(m(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True))
+                _synchronize(device)
+                seconds[i] += time.perf_counter() - start
             accumulators[name].add(outputs[0].logits, outputs[1].logits, ids, mask)
             valid = batch.valid().to(device)
             for layer, (a, b) in enumerate(zip(outputs[0].hidden_states[1:], outputs[1].hidden_states[1:])):
                 layer_cosines.setdefault(layer, []).append(_cosines(a, b, valid))
             bar.update(batch.tokens)
+    return Throughput(original_tokens_per_second=total / seconds[0], compressed_tokens_per_second=total / seconds[1],
+                      device=str(device), threads=torch.get_num_threads())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _run_layerwise(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
@@ -236,3 +252,4 @@ def _run_layerwise(readers, families, configs, dirs, work, accumulators, layer_c
     finally:
         for store in stores:
             store.close()
+    return None  # layer-by-layer timings include loading layers: no throughput to report

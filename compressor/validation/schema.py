@@ -39,6 +39,15 @@ class LayerResult(_Strict):
     cosine_p5: float  # 5th percentile over tokens
 
 
+class Throughput(_Strict):
+    """Forward tokens/s of each model on the validation batches (whole-model runs only)."""
+
+    original_tokens_per_second: float
+    compressed_tokens_per_second: float
+    device: str
+    threads: int
+
+
 class Thresholds(_Strict):
     max_ppl_increase: float | dict[str, float] | None = None  # a dict gates only the domains it names
     min_cosine: float | None = None
@@ -53,6 +62,7 @@ class ValidationReport(_Strict):
     thresholds: Thresholds
     domains: dict[str, DomainResult]
     layers: dict[str, LayerResult]
+    throughput: Throughput | None = None
     passed: bool
     failures: list[str]
 

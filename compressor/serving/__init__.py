@@ -1,0 +1,33 @@
+"""Serving compressed outputs with vLLM.
+
+- `check_servable(OUT)`: static checks (uniform expert counts, the shipped configuration file for model_type
+  ``deepseek``, routing that means the same in vLLM and transformers); UserError naming the problem and fix.
+- `find_vllm_python()`: the interpreter that has vLLM (vLLM lives in its own venv, see scripts/setup_vllm.sh).
+- `run_vllm(python, request)`: runs ``vllm_runner.py`` (self-contained, executed by that interpreter) and returns
+  what vLLM produced: prompt logprobs, generated tokens, throughput.
+- `moe-compress serve-check OUT` (compressor/serving/cli.py) puts them together.
+"""
+
+from compressor.serving.check import (
+    RUNNER,
+    SETUP_HINT,
+    ServingInfo,
+    VllmRunError,
+    check_prompts,
+    check_servable,
+    find_vllm_python,
+    run_vllm,
+    transformers_logprob_diff,
+)
+
+__all__ = [
+    "RUNNER",
+    "SETUP_HINT",
+    "ServingInfo",
+    "VllmRunError",
+    "check_prompts",
+    "check_servable",
+    "find_vllm_python",
+    "run_vllm",
+    "transformers_logprob_diff",
+]

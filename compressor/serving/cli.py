@@ -1,0 +1,89 @@
+"""`moe-compress serve-check OUT`: does vLLM load and run an output, with the same results as our transformers code?"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+
+@click.command("serve-check")
+@click.argument("output", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--vllm-python", default=None, metavar="PATH",
+              help="interpreter with vLLM (default: $MOE_COMPRESS_VLLM_PYTHON, this one, or .venv-vllm/bin/python)")
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="compare vLLM's prompt logprobs (fp32) with moe-compress's transformers implementation")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="largest |logprob difference|")
+@click.option("--dtype", default=None, help="vLLM dtype (default: float32 with --compare, else auto)")
+@click.option("--max-model-len", type=click.IntRange(min=16), default=512, show_default=True)
+@click.option("--kv-cache-gib", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+@click.option("--timeout", type=click.IntRange(min=10), default=1800, show_default=True, help="seconds for the vLLM run")
+def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, timeout):
+    """Check that vLLM serves OUT: uniform expert counts, the shipped configuration file, a load and a generation
+    in vLLM, and (--compare) prompt logprobs equal to moe-compress's transformers implementation.
+
+    Exit 0: servable; 1: vLLM failed or its logprobs differ; 2: bad input (not servable, or vLLM missing)."""
+    from compressor.serving.check import (
+        VllmRunError,
+        check_prompts,
+        check_servable,
+        find_vllm_python,
+        run_vllm,
+        transformers_logprob_diff,
+    )
+
+    info = check_servable(output)
+    python = find_vllm_python(vllm_python)
+    click.echo(f"{output}: {info.family} (model_type {info.model_type}), {info.experts} routed experts in each of "
+               f"{info.moe_layers} MoE layers, top-{info.top_k}, renormalise {'yes' if info.renormalize else 'no'}")
+    prompts = check_prompts(output)
+    request = {
+        "models": [{"path": str(output.resolve()), "label": output.name}],
+        "dtype": dtype or ("float32" if compare else "auto"),
+        "max_model_len": max_model_len,
+        "kv_cache_gib": kv_cache_gib,
+        "trust_remote_code": info.trust_remote_code,
+        "prompts": prompts,
+        "prompt_logprobs": 5,
+        "generate_tokens": 8,
+        "transformers_compare": compare,
+    }
+    try:
+        result = run_vllm(python, request, timeout=timeout)
+    except VllmRunError as error:
+        click.echo(f"vLLM could not run {output} ({python}): {error}", err=True)
+        sys.exit(1)
+    versions, entry = result["versions"], result["models"][0]
+    rows = entry.get("prompt_logprobs") or []
+    values = [v for prompt in rows for row in prompt if row for v in row.values()]
+    click.echo(f"vLLM {versions['vllm']} (transformers {versions['transformers']}, torch {versions['torch']}): "
+               f"{'/'.join(entry['architecture'])} loaded in {entry['load_seconds']:.1f} s, "
+               f"generated {sum(map(len, entry['generated']))} tokens, {len(values)} prompt logprobs")
+    failures = []
+    if not values or not all(v == v and abs(v) != float("inf") for v in values):
+        failures.append("vLLM's prompt logprobs are missing or not finite")
+    if compare:
+        import transformers
+
+        worst, count = transformers_logprob_diff(output, prompts, rows)
+        click.echo(f"prompt logprobs vs moe-compress (transformers {transformers.__version__}, fp32): "
+                   f"max |diff| {worst:.2e} over {count} values (tolerance {tolerance:g})")
+        if not worst <= tolerance:
+            failures.append(f"vLLM differs from moe-compress's implementation by {worst:.2e} > {tolerance:g}")
+        theirs = entry.get("transformers")
+        if theirs:
+            click.echo(f"prompt logprobs vs {theirs['class']} under vLLM's transformers "
+                       f"{theirs['transformers_version']}: max |diff| {theirs['max_abs_diff']:.2e}")
+            if not theirs["max_abs_diff"] <= tolerance:
+                failures.append(f"vLLM differs from the output's own modeling code under vLLM's transformers by "
+                                f"{theirs['max_abs_diff']:.2e} > {tolerance:g}")
+    if failures:
+        click.echo("NOT servable as validated: " + "; ".join(failures), err=True)
+        sys.exit(1)
+    click.echo(f"servable: {info.serve_command()}")
+
+
+__all__ = ["serve_check"]
