@@ -186,7 +186,6 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     """Run every stage (skipping up-to-date ones); returns artifact paths and whether validation passed."""
     from compressor import __version__
     from compressor.export.exporter import ExportOptions, export_checkpoint, parse_size, validate_export
-    from compressor.validation.cli import summary_table
     from compressor.io.resolve import resolve_model
     from compressor.planning import Plan, PlanOptions, make_plan
     from compressor.profiling import Profile, ProfileOptions, profile_model
@@ -256,7 +255,7 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
             if report is None:
                 raise UserError("validate: no held-out data; list validate.domains (NAME: SOURCE)")
             state.record("validate", digest)
-            echo(f"validate: wrote {validation_path}\n{summary_table(report)}")
+            echo(f"validate: wrote {validation_path}")
 
     passed = None
     if validation_path.exists():

@@ -371,3 +371,20 @@ def test_write_index_format(tmp_path):
     assert data == {"metadata": {"total_size": 123}, "weight_map": weight_map}
     assert list(data["weight_map"]) == ["a", "b"]
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and os.access(path, os.R_OK)
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary files are private (0600/0700); the renamed outputs must get what open()/mkdir() would."""
+    import os
+
+    from compressor.io.atomic import atomic_directory, write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "out") as staging:
+            (staging / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -17,6 +17,17 @@ def check_writable_target(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path} already exists; pass --overwrite to replace it")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give (mkstemp/mkdtemp make private 0600/0700 ones)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary sibling file and an atomic rename."""
     path = Path(path)
@@ -25,6 +36,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             file.write(text)
+        os.chmod(temporary, default_mode())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -40,6 +52,7 @@ def atomic_directory(target: Path, overwrite: bool = False):
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
+        os.chmod(staging, default_mode(directory=True))
         yield staging
         if target.exists():
             retired = target.with_name(f".{target.name}.old")

