@@ -518,7 +518,7 @@ def test_source_is_only_read(source, source_hashes, export):
 
 
 class _Fail:
-    """Replaces ShardWriter.write_chunks: let `after` calls through, then raise `error`."""
+    """Replaces ShardWriter.write_range: let `after` calls through, then raise `error`."""
 
     def __init__(self, original, after, error):
         self.original, self.after, self.error, self.calls = original, after, error, 0
@@ -544,8 +544,8 @@ def test_failure_midway_leaves_no_output_and_no_temporary_files(source, source_h
     if existing:
         out.mkdir()
         (out / "previous.txt").write_text("previous export\n")
-    failing = _Fail(ShardWriter.write_chunks, after=40, error=error)
-    monkeypatch.setattr(ShardWriter, "write_chunks", failing)
+    failing = _Fail(ShardWriter.write_range, after=40, error=error)
+    monkeypatch.setattr(ShardWriter, "write_range", failing)
     plan = Plan.model_validate(plan_data(source, UNIFORM, 1))
     expected = UserError if isinstance(error, OSError) else KeyboardInterrupt
     with pytest.raises(expected) as raised:

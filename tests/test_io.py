@@ -388,3 +388,29 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "through-memory"])
+def test_write_range_copies_the_exact_bytes(sharded_dir, tmp_path, monkeypatch, kernel_copy):
+    """Range copies (kernel-side, or the fallback where copy_file_range is missing) mixed with tensor writes
+    give the same file as writing every tensor from memory."""
+    if not kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    source = CheckpointReader(sharded_dir)
+    specs = [TensorSpec(n, source.info(n).dtype, source.info(n).shape) for n in source.names()]
+    with ShardedWriter(tmp_path / "mixed", [("model.safetensors", specs)]) as writer:
+        for i, spec in enumerate(specs):
+            if i % 2:
+                writer.write(spec.name, source.get(spec.name))
+            else:
+                writer.write_range(spec.name, *source.raw_location(spec.name))
+    with ShardedWriter(tmp_path / "memory", [("model.safetensors", specs)]) as writer:
+        for spec in specs:
+            writer.write(spec.name, source.read_raw(spec.name))
+    assert (tmp_path / "mixed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "memory" / "model.safetensors").read_bytes()
+    with ShardedWriter(tmp_path / "short", [("model.safetensors", specs[:1])]) as writer:
+        fd, offset, nbytes = source.raw_location(specs[0].name)
+        with pytest.raises(ValueError, match="planned"):
+            writer.write_range(specs[0].name, fd, offset, nbytes - 1)
+        writer.write_range(specs[0].name, fd, offset, nbytes)

@@ -141,7 +141,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
                     elif out.action == "slice_rows":
                         writer.write(out.name, reader.get(out.source)[list(out.rows)].contiguous())
                     else:
-                        writer.write_chunks(out.name, reader.iter_raw(out.source))
+                        writer.write_range(out.name, *reader.raw_location(out.source))
                     bar.update(out.spec.nbytes)
             writer.close()
         except BaseException:

@@ -208,6 +208,17 @@ class CheckpointReader:
             yield chunk
             offset += len(chunk)
 
+    def raw_location(self, name: str) -> tuple[int, int, int]:
+        """(open file descriptor, byte offset, byte count) of tensor `name`'s data, for kernel-side copies."""
+        info = self.info(name)
+        handle = self._files.get(info.shard)
+        if handle is None:
+            handle = self._files[info.shard] = open(info.shard, "rb")
+        begin, end = info.data_offsets
+        if os.fstat(handle.fileno()).st_size < end:
+            raise UserError(f"corrupt safetensors shard {info.shard}: file is truncated while reading {name!r}")
+        return handle.fileno(), begin, end - begin
+
     def close(self) -> None:
         """Release open shard handles (the reader can still be used; handles reopen on demand)."""
         for handle in self._handles.values():

@@ -143,19 +143,28 @@ class ShardWriter:
         self._file.write(payload)
         self._next += 1
 
-    def write_chunks(self, name: str, chunks) -> None:
-        """Write the next planned tensor from an iterable of raw byte chunks (never held whole in memory)."""
+    def write_range(self, name: str, source_fd: int, offset: int, nbytes: int) -> None:
+        """Write the next planned tensor as a copy of `nbytes` bytes of `source_fd` from `offset`, in the kernel
+        (copy_file_range, as cp does) where the platform allows, else through bounded chunks."""
         if self._file is None:
             raise RuntimeError(f"{self.path.name} is already closed")
         spec = self.specs[self._next] if not self.done else None
         if spec is None or name != spec.name:
             raise ValueError(f"{self.path.name}: expected {spec.name if spec else 'nothing'!r} next, got {name!r}")
-        written = 0
-        for chunk in chunks:
-            self._file.write(chunk)
-            written += len(chunk)
-        if written != spec.nbytes:
-            raise ValueError(f"{name!r}: planned {spec.nbytes} bytes, got {written}")
+        if nbytes != spec.nbytes:
+            raise ValueError(f"{name!r}: planned {spec.nbytes} bytes, got {nbytes}")
+        self._file.flush()
+        target = self._file.fileno()
+        done = 0
+        while done < nbytes:
+            count = nbytes - done
+            try:
+                copied = os.copy_file_range(source_fd, target, count, offset + done)
+            except (AttributeError, OSError):  # not Linux, or a file system without it: copy through memory
+                copied = os.write(target, os.pread(source_fd, min(count, 16 << 20), offset + done))
+            if copied == 0:
+                raise ValueError(f"{name!r}: the source ended {nbytes - done} bytes early")
+            done += copied
         self._next += 1
 
     def close(self) -> Path:
@@ -265,13 +274,13 @@ class ShardedWriter:
         if self._current.done:
             self._advance()
 
-    def write_chunks(self, name: str, chunks) -> None:
-        """Write the next planned tensor from an iterable of raw byte chunks."""
+    def write_range(self, name: str, source_fd: int, offset: int, nbytes: int) -> None:
+        """Write the next planned tensor as a kernel-side copy of a byte range of another file."""
         if self._current is None or self._current.done:
             self._advance()
         if self._current is None:
             raise ValueError(f"{name!r} is not planned (every planned tensor is already written)")
-        self._current.write_chunks(name, chunks)
+        self._current.write_range(name, source_fd, offset, nbytes)
         if self._current.done:
             self._advance()
 

@@ -1,0 +1,193 @@
+"""Serving throughput: vLLM and transformers, original vs compressed model, on the same prompts, next to the FLOP ratio.
+
+    python benchmarks/serve.py [ORIGINAL] [COMPRESSED] [--json OUT.json]
+
+ORIGINAL defaults to models/reference. COMPRESSED defaults to work/demo/model (the demo's output) when it exists,
+else a stand-in with the demo plan's structure (32 of 64 experts per layer, top-1; `renorm`, no fitting): speed
+depends on the structure only. A DeepSeekMoE directory without the shipped configuration file (the reference) is
+copied to a temporary directory and given it, since vLLM needs it.
+
+Prompts: --prompts token sequences of --prompt-len tokens of demo evaluation text (code, math, english, french);
+every prompt generates --new-tokens tokens greedily, EOS ignored. Both runtimes in fp32 by default (--dtype).
+- vLLM (offline LLM API, in .venv-vllm, `scripts/setup_vllm.sh`; prefix cache off, eager mode): prompt tokens/s =
+  prompt tokens / time of the batch with 1 generated token; generated tokens/s = generated tokens / time of the full
+  batch (prefill included, as a user sees it). Best of --repeats.
+- transformers (moe-compress's implementation, --threads threads): prompt tokens/s from one forward of the batch;
+  generated tokens/s from `generate` on the batch with the KV cache. Best of --repeats.
+The FLOP ratio (per-token forward FLOPs, original / compressed) is the limit the speed-up can approach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from speed import forward_flops_per_token  # noqa: E402
+
+
+def servable_copy(path: Path, scratch: Path) -> Path:
+    """`path` itself if vLLM can load it, else a copy with moe-compress's configuration/modeling files."""
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "deepseek" or (path / "configuration_deepseek.py").exists():
+        return path
+    from compressor.modeling import write_modeling_files
+
+    copy = scratch / f"{path.name}-servable"
+    shutil.copytree(path, copy)
+    write_modeling_files(copy)
+    return copy
+
+
+def stand_in(original: Path, scratch: Path) -> Path:
+    """The demo plan's structure without its fitting: the first 32 of 64 experts per layer, top-1, renorm."""
+    from compressor.export.exporter import ExportOptions, export_checkpoint
+    from compressor.families import detect_family
+    from compressor.io import CheckpointReader
+    from compressor.planning import Plan
+    from compressor.profiling.schema import ModelIdentity, config_hash
+
+    with CheckpointReader(original) as reader:
+        config = reader.config
+    family = detect_family(config)
+    layers = family.moe_layers(config)
+    identity = ModelIdentity(source=str(original), family=family.name, config_hash=config_hash(config),
+                             moe_layers=layers, top_k=family.top_k(config),
+                             experts_per_layer={str(l): family.num_experts(config, l) for l in layers})
+    plan = Plan(model=identity, top_k=1, compensation="renorm",
+                layers={str(l): {"keep": list(range(family.num_experts(config, l) // 2))} for l in layers})
+    out = scratch / "compressed-stand-in"
+    export_checkpoint(str(original), plan, out, ExportOptions(compensation="renorm", validate=False, progress=False))
+    return out
+
+
+def demo_prompts(tokenizer_dir: Path, count: int, length: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from compressor.data import demo_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    domains = ("code", "math", "english", "french")
+    prompts: list[list[int]] = []
+    for index in range(count):
+        domain = domains[index % len(domains)]
+        ids: list[int] = []
+        for doc in demo_documents(domain, "evaluation")[index // len(domains):]:
+            ids += tokenizer(doc)["input_ids"]
+            if len(ids) >= length:
+                break
+        prompts.append(ids[:length])
+    return prompts
+
+
+def transformers_throughput(path: Path, prompts: list[list[int]], new_tokens: int, repeats: int, dtype) -> dict:
+    import compressor  # noqa: F401  registers our DeepSeekMoE
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    batch = torch.tensor(prompts)
+    prompt_tokens = batch.numel()
+    best_prefill = best_generate = float("inf")
+    with torch.no_grad():
+        warm = batch[:2, :16]
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                       pad_token_id=0)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=batch, use_cache=False)
+            best_prefill = min(best_prefill, time.perf_counter() - start)
+            start = time.perf_counter()
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            best_generate = min(best_generate, time.perf_counter() - start)
+    generated = (out.shape[1] - batch.shape[1]) * out.shape[0]
+    return {"prompt_tokens": prompt_tokens, "generated_tokens": generated, "prompt_seconds": best_prefill,
+            "generate_seconds": best_generate, "prompt_tokens_per_s": prompt_tokens / best_prefill,
+            "generated_tokens_per_s": generated / best_generate}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("original", type=Path, nargs="?", default=REPO / "models" / "reference")
+    parser.add_argument("compressed", type=Path, nargs="?", default=None)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=2, help="transformers' torch threads")
+    parser.add_argument("--vllm-python", default=None, help="interpreter with vLLM (default: .venv-vllm)")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from compressor.serving import find_vllm_python, run_vllm
+
+    python = find_vllm_python(args.vllm_python)
+    with tempfile.TemporaryDirectory(prefix="moe-compress-serve-bench-") as scratch:
+        scratch = Path(scratch)
+        compressed, compressed_name = args.compressed, str(args.compressed)
+        if compressed is None:
+            demo = REPO / "work" / "demo" / "model"
+            compressed, compressed_name = demo, str(demo)
+            if not (demo / "config.json").exists():
+                compressed = stand_in(args.original, scratch)
+                compressed_name = "stand-in: first 32 of 64 experts per layer, top-1, renorm"
+        models = {"original": servable_copy(args.original, scratch), "compressed": servable_copy(compressed, scratch)}
+        prompts = demo_prompts(args.original, args.prompts, args.prompt_len)
+        request = {
+            "models": [{"path": str(path), "label": label} for label, path in models.items()],
+            "dtype": args.dtype,
+            "max_model_len": args.prompt_len + args.new_tokens + 16,
+            "throughput": {"prompts": prompts, "max_tokens": args.new_tokens, "repeats": args.repeats},
+        }
+        start = time.perf_counter()
+        result = run_vllm(python, request, timeout=3600)
+        vllm_wall = time.perf_counter() - start
+        rows = {("vllm", entry["label"]): entry["throughput"] for entry in result["models"]}
+        if not args.skip_transformers:
+            dtype = getattr(torch, args.dtype)
+            for label, path in models.items():
+                rows[("transformers", label)] = transformers_throughput(path, prompts, args.new_tokens, args.repeats,
+                                                                         dtype)
+        configs = [json.loads((models[label] / "config.json").read_text()) for label in ("original", "compressed")]
+    seq = args.prompt_len + args.new_tokens // 2
+    flop_ratio = forward_flops_per_token(configs[0], seq) / forward_flops_per_token(configs[1], seq)
+    versions = result["versions"]
+    print(f"original {args.original}; compressed {compressed_name}")
+    print(f"{args.prompts} prompts x {args.prompt_len} tokens, {args.new_tokens} generated each, {args.dtype}; "
+          f"vLLM {versions['vllm']} ({result.get('platform')}, torch {versions['torch']}); "
+          f"transformers threads {args.threads}; best of {args.repeats}")
+    print(f"{'runtime':14} {'model':11} {'prompt tok/s':>13} {'generated tok/s':>16}")
+    for (runtime, label), row in rows.items():
+        print(f"{runtime:14} {label:11} {row['prompt_tokens_per_s']:13.0f} {row['generated_tokens_per_s']:16.0f}")
+    speedups = {}
+    for runtime in ("vllm", "transformers"):
+        if (runtime, "original") in rows:
+            before, after = rows[(runtime, "original")], rows[(runtime, "compressed")]
+            speedups[runtime] = {key: after[key] / before[key] for key in ("prompt_tokens_per_s",
+                                                                            "generated_tokens_per_s")}
+            print(f"speed-up {runtime:12}: prompt {speedups[runtime]['prompt_tokens_per_s']:.2f}x, "
+                  f"generated {speedups[runtime]['generated_tokens_per_s']:.2f}x")
+    print(f"FLOP ratio (the limit): {flop_ratio:.2f}x; vLLM run (2 models, loads included) {vllm_wall:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "settings": vars(args) | {"original": str(args.original), "compressed": compressed_name,
+                                      "json": str(args.json), "vllm_python": python},
+            "versions": versions, "platform": result.get("platform"), "flop_ratio": flop_ratio,
+            "rows": [{"runtime": r, "model": m, **row} for (r, m), row in rows.items()], "speedups": speedups,
+        }, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
