@@ -468,6 +468,9 @@ def test_output_carries_tokenizer_plan_provenance_card_and_modeling_code(source,
     assert datetime.datetime.fromisoformat(provenance["created"]) >= before
     tensors = checkpoint_tensors(out)
     assert provenance["tensors"] == len(tensors) and provenance["bytes"] == sum(len(t[2]) for t in tensors.values())
+    model_parameters = sum(p.numel() for p in DeepseekForCausalLM.from_pretrained(out).parameters())
+    source_parameters = sum(p.numel() for p in DeepseekForCausalLM.from_pretrained(source).parameters())
+    assert provenance["parameters"] == model_parameters < provenance["source_parameters"] == source_parameters
 
     card = ModelCard.load(out / "README.md")
     assert "moe-compress" in card.data.tags and card.data.library_name == "transformers"
@@ -476,6 +479,7 @@ def test_output_carries_tokenizer_plan_provenance_card_and_modeling_code(source,
     assert "3 / 8" in rows["1"] and "1, 3, 6" in rows["1"]
     assert "5 / 8" in rows["2"] and "0, 2, 4, 5, 7" in rows["2"]
     assert "trust_remote_code=True" in card.text
+    assert f"{model_parameters / 1e6:.2f}M parameters (was " in card.text and f"{source_parameters / 1e6:.2f}M)" in card.text
 
 
 # -- 6. atomicity and safety ----------------------------------------------------------------------------------------

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 
-def _parameters(reader_bytes: int, dtype_bytes: int = 2) -> str:
-    return f"{reader_bytes / dtype_bytes / 1e9:.2f}B" if reader_bytes > 2e9 else f"{reader_bytes / dtype_bytes / 1e6:.1f}M"
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
-def write_basic_card(directory: Path, title: str, family, config: dict, new_config: dict, plan, provenance: dict,
+def _count(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
+
+
+def write_basic_card(directory: Path, title: str, family, config: dict, plan, provenance: dict,
                      source_bytes: int, validation=None) -> Path:
     """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load."""
     kept = plan.kept()
@@ -30,7 +35,7 @@ def write_basic_card(directory: Path, title: str, family, config: dict, new_conf
         for layer, experts in sorted(kept.items())
     )
     not_native = family.native_transformers_support(config, kept, plan.top_k)
-    ships_code = "auto_map" in new_config
+    ships_code = "auto_map" in json.loads((directory / "config.json").read_text())  # written with the runtime files
     loading = [
         "```python",
         "import compressor  # moe-compress registers its modeling code" if ships_code else "",
@@ -67,7 +72,8 @@ def write_basic_card(directory: Path, title: str, family, config: dict, new_conf
             f"{sum(family.num_experts(config, layer) for layer in kept)} over {len(kept)} MoE layers"
             f" ({'uniform' if uniform else 'per-layer counts'})",
             f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`",
-            f"- size: {out_bytes / 2**30:.2f} GiB of weights (was {source_bytes / 2**30:.2f} GiB)",
+            f"- size: {_size(out_bytes)} of weights, {_count(provenance['parameters'])} parameters "
+            f"(was {_size(source_bytes)}, {_count(provenance['source_parameters'])})",
             f"- plan strategy: {plan.strategy.name if plan.strategy else 'hand-written'}",
             "",
             "## How to load",

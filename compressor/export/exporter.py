@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -167,12 +168,15 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
                          "max_tokens": options.max_tokens, "seq_len": options.seq_len},
             "tensors": len(outputs),
             "bytes": total,
+            "parameters": sum(math.prod(o.spec.shape) for o in outputs),
+            "source_bytes": reader.total_bytes,
+            "source_parameters": reader.total_parameters,
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         report = _validate_output(model, source_dir, staging, options) if options.validate else None
         from compressor.export.card import write_basic_card
 
-        write_basic_card(staging, output.name, family, config, new_config, plan, provenance, reader.total_bytes,
+        write_basic_card(staging, output.name, family, config, plan, provenance, reader.total_bytes,
                          report)
     reader.close()
     return ExportResult(output, compensation, len(outputs), total, fit_report, report)
@@ -200,8 +204,8 @@ def validate_export(model: str, output: Path, options: ExportOptions):
     if report is not None:
         reader = CheckpointReader(source_dir)
         write_basic_card(output, output.name, detect_family(reader.config), reader.config,
-                         json.loads((output / "config.json").read_text()), Plan.load(output / PLAN_FILE),
-                         json.loads((output / PROVENANCE_FILE).read_text()), reader.total_bytes, report)
+                         Plan.load(output / PLAN_FILE), json.loads((output / PROVENANCE_FILE).read_text()),
+                         reader.total_bytes, report)
         reader.close()
     return report
 

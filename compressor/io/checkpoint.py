@@ -7,6 +7,7 @@ sizes alone; tensors are read one at a time on request.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,11 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         """Bytes of tensor data in the checkpoint (what an index calls ``total_size``)."""
         return sum(info.nbytes for info in self._infos.values())
+
+    @property
+    def total_parameters(self) -> int:
+        """Elements of all tensors (the parameter count as stored; buffers such as rotary tables excluded)."""
+        return sum(math.prod(info.shape) for info in self._infos.values())
 
     # -- data ------------------------------------------------------------------------------------
 
