@@ -595,7 +595,9 @@ def test_save_load_round_trip(tmp_path, overrides):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     ids = random_ids((2, SEQ))
-    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+    # weights are bit-identical (above); loaded tensors are views into the file at other memory alignments, for
+    # which the BLAS may pick another kernel, so the logits may differ in the last bit
+    torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=1e-5, atol=1e-5)
     # and a second save writes the same config
     loaded.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())

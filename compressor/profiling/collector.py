@@ -19,6 +19,8 @@ class LayerAccumulator:
 
     def observe_routing(self, valid, topk_idx, topk_weight, expert_outputs, routed_output):
         """Called from the MoE block with the routing of every token (slot 0 = highest weight)."""
+        if bool(valid.all()):  # packed batches: no padding, so no copies through boolean indexing
+            valid = slice(None)
         idx, weight, outputs = topk_idx[valid], topk_weight[valid].double(), expert_outputs[valid]
         flat_idx = idx.reshape(-1)
         self.selected.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=torch.float64))
