@@ -128,17 +128,21 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         raise UserError(f"{path}{where}: not valid YAML") from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe is a mapping of keys (model, work_dir, profile, plan, ...)")
+    overridden = []
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise UserError(f"--set {override!r}: expected key=value, e.g. --set work_dir=/tmp/run")
         _set(tree, key.strip(), value.strip())
+        overridden.append(key.strip())
     try:
         return Recipe.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])
         key = ".".join(str(p) for p in location)
+        if any(key == o or key.startswith(o + ".") for o in overridden):  # the bad value came from the command line
+            raise UserError(f"--set {key}: {first['msg']}") from None
         line = _line_of(text, location)
         where = f"line {line}, " if line else ""
         raise UserError(f"{path}: {where}key {key!r}: {first['msg']}") from None

@@ -148,6 +148,7 @@ def test_bad_set_is_an_error(tmp_path, override, names):
     with pytest.raises(UserError) as caught:
         load_recipe(write(tmp_path, SMALL), [override])
     assert names in str(caught.value)
+    assert "line " not in str(caught.value)  # the bad key came from the command line, not from the file
 
 
 def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, capsys):
