@@ -49,7 +49,8 @@ def inspect(model, revision):
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
-def report(files, output):
+@click.option("--overwrite", is_flag=True, help="replace an earlier report in that directory")
+def report(files, output, overwrite):
     """One HTML page (+ PNGs) from PROFILE.json, PLAN.json and/or validation.json; a summary.md per profile."""
     from compressor.profiling.report import write_profile_report
     from compressor.profiling.schema import Profile
@@ -57,6 +58,8 @@ def report(files, output):
 
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} exists and is not a directory")
+    if (output / "report.html").exists() and not overwrite:
+        raise UserError(f"{output} already holds a report; pass --overwrite to replace it")
     for path in files:
         if isinstance(load_artifact(path), Profile):
             click.echo(f"wrote {write_profile_report(Profile.load(path), output)}")

@@ -538,6 +538,12 @@ def test_report_html_is_self_contained(profile_path, plan_path, report, tmp_path
     assert "Validation: passed" in page and "top-1" in page
     assert (out / "summary.md").exists()
 
+    # an existing report is replaced only with --overwrite
+    code, _, err = run_cli(["report", profile_path, "-o", out], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run_cli(["report", profile_path, "-o", out, "--overwrite"], capsys)
+    assert code == 0, err
+
 
 def test_report_rejects_unknown_files(tmp_path, capsys):
     bogus = tmp_path / "x.json"
