@@ -30,6 +30,7 @@ from compressor.export import ExportOptions, export_checkpoint
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
 from compressor.planning import Plan
 from compressor.profiling.schema import config_hash
+from helpers import run_cli, write_jsonl
 
 MOE_LAYERS = (1, 2)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
@@ -141,18 +142,6 @@ def plan_data(source: Path, keep: dict, top_k: int, compensation: str = "none", 
 def write_plan(path: Path, source: Path, keep: dict, top_k: int, compensation: str = "none", **model) -> Path:
     path.write_text(json.dumps(plan_data(source, keep, top_k, compensation, **model), indent=1))
     return path
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    from compressor.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def quiet(**changes) -> ExportOptions:
@@ -405,7 +394,7 @@ def test_kept_experts_are_renumbered_in_original_order_and_router_rows_sliced(so
 def test_small_max_shard_size_writes_shards_and_a_correct_index(source, tmp_path, ids, capsys):
     plan = write_plan(tmp_path / "plan.json", source, UNIFORM, 1)
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "export", source, plan, "-o", out, "--max-shard-size", "30KB", "--no-validate")
+    code, stdout, err = run_cli(["export", source, plan, "-o", out, "--max-shard-size", "30KB", "--no-validate"], capsys)
     assert code == 0, err
     files = checkpoint_files(out)
     assert len(files) >= 3
@@ -443,7 +432,7 @@ def test_output_carries_tokenizer_plan_provenance_card_and_modeling_code(source,
     plan_path = write_plan(tmp_path / "plan.json", source, NON_UNIFORM, 2)
     out = tmp_path / "pruned"
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    code, stdout, err = run_cli(capsys, "export", source, plan_path, "-o", out, "--no-validate")
+    code, stdout, err = run_cli(["export", source, plan_path, "-o", out, "--no-validate"], capsys)
     assert code == 0, err
     assert "non-uniform plan" in stdout
 
@@ -490,12 +479,12 @@ def test_existing_output_needs_overwrite(source, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep-me.txt").write_text("mine\n")
-    code, _, err = run_cli(capsys, "export", source, plan, "-o", out, "--no-validate")
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep-me.txt"]
     assert leftovers(tmp_path) == []
 
-    code, _, err = run_cli(capsys, "export", source, plan, "-o", out, "--no-validate", "--overwrite")
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate", "--overwrite"], capsys)
     assert code == 0, err
     assert not (out / "keep-me.txt").exists() and (out / "model.safetensors").is_file()
     assert leftovers(tmp_path) == []
@@ -506,7 +495,7 @@ def test_output_may_not_be_or_contain_or_sit_inside_the_source(source, source_ha
     link = tmp_path / "link"
     link.symlink_to(source, target_is_directory=True)
     for out in (source, source / "pruned", link, link / "pruned", source.parent):
-        code, _, err = run_cli(capsys, "export", source, plan, "-o", out, "--no-validate", "--overwrite")
+        code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate", "--overwrite"], capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (out, err)
         assert "source" in err
     assert not (source / "pruned").exists()
@@ -624,7 +613,7 @@ def test_bad_plan_is_one_error_line_exit_2_and_no_output(source, source_hashes, 
                      **spec.get("model", {}))
     (tmp_path / "plan.json").write_text(json.dumps(data))
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "export", source, tmp_path / "plan.json", "-o", out, "--no-validate")
+    code, stdout, err = run_cli(["export", source, tmp_path / "plan.json", "-o", out, "--no-validate"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
@@ -635,7 +624,7 @@ def test_corrupt_source_shard_is_one_error_line_exit_2_and_no_output(source, cor
     before = tree_hashes(corrupt_source)
     plan = write_plan(tmp_path / "plan.json", source, UNIFORM, 1)
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, "export", corrupt_source, plan, "-o", out, "--no-validate")
+    code, _, err = run_cli(["export", corrupt_source, plan, "-o", out, "--no-validate"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     shard = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"][
@@ -660,7 +649,7 @@ def test_missing_plan_and_bad_shard_size_are_one_line_errors(source, tmp_path, c
     for args, message in ((["-o", tmp_path / "out"], "does not exist"),
                           (["-o", tmp_path / "out", "--max-shard-size", "lots"], "cannot read size")):
         plan_arg = tmp_path / "missing.json" if message == "does not exist" else plan
-        code, _, err = run_cli(capsys, "export", source, plan_arg, *args, "--no-validate")
+        code, _, err = run_cli(["export", source, plan_arg, *args, "--no-validate"], capsys)
         assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
 
@@ -672,9 +661,7 @@ def test_missing_plan_and_bad_shard_size_are_one_line_errors(source, tmp_path, c
 def calibration(tmp_path_factory) -> Path:
     rng = random.Random(5)
     rows = [[rng.randrange(2, TINY["vocab_size"]) for _ in range(24)] for _ in range(32)]
-    path = tmp_path_factory.mktemp("calibration") / "rows.jsonl"
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("calibration") / "rows.jsonl", rows)
 
 
 FITTED = {"scale": [], "refit": [], "distill": ["--distill-steps", "20"],
@@ -783,8 +770,7 @@ def test_fitted_non_uniform_plan_with_padded_calibration_rows(source, tmp_path):
     """Rows of different lengths (padded batches), a non-uniform plan: refit still beats none on every MoE layer."""
     rng = random.Random(11)
     rows = [[rng.randrange(2, TINY["vocab_size"]) for _ in range(rng.randint(8, 24))] for _ in range(24)]
-    calibration = tmp_path / "rows.jsonl"
-    calibration.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
+    calibration = write_jsonl(tmp_path / "rows.jsonl", rows)
     plan = Plan.model_validate(plan_data(source, NON_UNIFORM, 1))
     for mode in ("none", "refit"):
         export_checkpoint(str(source), plan, tmp_path / mode,
@@ -918,7 +904,7 @@ def v2_source(tmp_path_factory) -> Path:
 def test_deepseek_v2_plans_it_cannot_express_are_refused(v2_source, tmp_path, capsys, keep, top_k, compensation,
                                                          message):
     plan = write_plan(tmp_path / "plan.json", v2_source, keep, top_k, compensation)
-    code, _, err = run_cli(capsys, "export", v2_source, plan, "-o", tmp_path / "out", "--no-validate")
+    code, _, err = run_cli(["export", v2_source, plan, "-o", tmp_path / "out", "--no-validate"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

@@ -29,6 +29,7 @@ from compressor.profiling.schema import (
     SourceDescription,
     config_hash,
 )
+from helpers import run_cli
 
 COUNTS_FILE = Path("/work/shared/reference/moe-lens-routing-counts.json")
 
@@ -387,18 +388,6 @@ def test_check_plan_matches_rejects_bad_keep_lists(keep, top_k, message):
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
-
-
-def run_cli(args, capsys):
-    from compressor.cli import main
-
-    code = 0
-    try:
-        main(args)
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

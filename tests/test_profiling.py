@@ -21,37 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from compressor.errors import UserError
-from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
+from compressor.modeling import DeepseekForCausalLM
 from compressor.profiling import Profile, ProfileOptions, merge_profiles, profile_model
 from compressor.profiling.report import concentration, write_profile_report
 from compressor.profiling.schema import (
     DomainProfile, LayerStatistics, ModelIdentity, ProfileSettings, SourceDescription,
 )
+from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_COUNTS = Path("/work/shared/reference/moe-lens-routing-counts.json")
-
-TINY = dict(
-    vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=1,
-    n_routed_experts=8,
-    num_experts_per_tok=3,
-    first_k_dense_replace=1,
-    moe_layer_freq=1,
-    norm_topk_prob=False,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    bos_token_id=0,
-    eos_token_id=1,
-    tie_word_embeddings=False,
-)
-MOE_LAYERS = [1, 2]
 N_EXPERTS, TOP_K = 8, 3
 SEQ_LEN, BATCH = 16, 4
 COUNT_KEYS = ("selected", "top1")
@@ -62,23 +41,6 @@ SUM_KEYS = ("top1_routed_cosine_sum", "top1_layer_cosine_sum")
 # --------------------------------------------------------------------------------------------------------------
 # Fixtures: a tiny upstream-format checkpoint, pre-tokenized rows
 # --------------------------------------------------------------------------------------------------------------
-def save_tiny_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(DeepseekConfig(**{**TINY, **overrides})).eval()
-    generator = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for layer in MOE_LAYERS:
-            gate = model.model.layers[layer].mlp.gate.weight
-            gate.copy_(0.5 * torch.randn(gate.shape, generator=generator))  # decisive, non-degenerate routing
-    model.save_pretrained(directory)
-    assert (directory / "model.safetensors").exists()
-    assert not any(directory.glob("tokenizer*"))
-    return directory
-
-
-def write_jsonl(path: Path, rows: list[list[int]]) -> Path:
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -569,18 +531,6 @@ def test_write_profile_report(lens_profile, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # 8. The command line: success, and bad input -> one line "error: ...", exit code 2, no output file
 # --------------------------------------------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    from compressor.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 def test_cli_profile_writes_the_same_profile(ckpt, rows_jsonl, whole, tmp_path, capsys):
     output = tmp_path / "p.json"

@@ -14,17 +14,12 @@ import yaml
 
 from compressor.errors import UserError
 from compressor.recipe import Recipe, load_recipe
+from helpers import TINY, run_cli, save_tiny_checkpoint, write_jsonl
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["demo.yaml", "deepseek-moe-16b.yaml", "deepseek-v2-lite.yaml"]
-TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-            num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
-            max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
-            tie_word_embeddings=False)
-
 SMALL = """\
 model: /models/tiny
 work_dir: /tmp/work
@@ -44,19 +39,6 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def run_cli(argv, capsys):
-    from compressor.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- the schema -------------------------------------------------------------------------------------------
@@ -166,10 +148,6 @@ def test_cli_bad_recipe_is_one_line_exit_2(tmp_path, capsys):
 # -- `moe-compress run` end to end ------------------------------------------------------------------------
 
 
-def write_jsonl(path: Path, rows: list[list[int]]) -> Path:
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
-    return path
-
 
 def random_rows(seed: int, count: int) -> list[list[int]]:
     rng = random.Random(seed)
@@ -179,17 +157,8 @@ def random_rows(seed: int, count: int) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A tiny random DeepSeekMoE, calibration and held-out jsonl files, and a recipe using them."""
-    from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
-
     root = tmp_path_factory.mktemp("recipe")
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(DeepseekConfig(**TINY)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in (1, 2):
-            gate = model.model.layers[layer].mlp.gate.weight
-            gate.copy_(0.5 * torch.randn(gate.shape, generator=generator))
-    model.save_pretrained(root / "tiny")
+    save_tiny_checkpoint(root / "tiny", seed=0, gate_seed=1)
     files = {name: write_jsonl(root / f"{name}.jsonl", random_rows(seed, 12))
              for seed, name in enumerate(["code", "math", "code-eval", "math-eval"])}
     recipe = {

@@ -22,7 +22,6 @@ import pytest
 import torch
 from filelock import FileLock
 
-from compressor.cli import main
 from compressor.export.exporter import ExportOptions, export_checkpoint
 from compressor.families import detect_family
 from compressor.io import CheckpointReader
@@ -30,6 +29,7 @@ from compressor.planning import Plan
 from compressor.profiling.schema import ModelIdentity, config_hash
 from compressor.serving import check_servable, run_vllm, transformers_logprob_diff
 from compressor.serving.cli import CPU_ROPE_WORKAROUND
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "models" / "reference"
@@ -261,16 +261,6 @@ def test_serve_check_passes_on_a_uniform_output(vllm_python, outputs, capsys):
 
 
 # -- bad input (no vLLM needed) ---------------------------------------------------------------------------------------
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as done:
-        code = done.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code, err, *fragments):

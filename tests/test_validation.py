@@ -20,18 +20,12 @@ import pytest
 import torch
 
 from compressor.errors import UserError
-from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
+from compressor.modeling import DeepseekForCausalLM
 from compressor.validation.runner import ValidateOptions, validate_models
 from compressor.validation.schema import ValidationReport
+from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, write_jsonl
 
 torch.set_num_threads(1)
-
-TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-            num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
-            max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
-            tie_word_embeddings=False)
-MOE_LAYERS = [1, 2]
 KEEP = [0, 2, 5, 7]
 SEQ_LEN, BATCH = 16, 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,21 +34,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # -- fixtures -------------------------------------------------------------------------------------------
 
 
-def save_tiny_checkpoint(directory: Path, seed: int = 0, **overrides) -> Path:
-    torch.manual_seed(seed)
-    model = DeepseekForCausalLM(DeepseekConfig(**{**TINY, **overrides})).eval()
-    generator = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for layer in MOE_LAYERS:
-            gate = model.model.layers[layer].mlp.gate.weight
-            gate.copy_(0.5 * torch.randn(gate.shape, generator=generator))  # decisive routing
-    model.save_pretrained(directory)
-    return directory
-
-
-def write_jsonl(path: Path, rows: list[list[int]]) -> Path:
-    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
-    return path
 
 
 def random_rows(seed: int, count: int, vocab: int = TINY["vocab_size"]) -> list[list[int]]:
@@ -123,19 +102,6 @@ def options(**overrides) -> ValidateOptions:
 @pytest.fixture(scope="module")
 def report(source, pruned, data) -> ValidationReport:
     return validate_models(str(source), str(pruned), {k: str(v) for k, v in data.items()}, options())
-
-
-def run_cli(argv, capsys):
-    from compressor.cli import main
-
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_png(path: Path) -> None:

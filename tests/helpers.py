@@ -1,0 +1,52 @@
+"""Shared test helpers: run the CLI in-process, a tiny random upstream-format DeepSeekMoE, token-id files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+            num_experts_per_tok=3, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
+            max_position_embeddings=64, initializer_range=0.2, bos_token_id=0, eos_token_id=1,
+            tie_word_embeddings=False)
+MOE_LAYERS = [1, 2]
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `moe-compress ARGV`; output printed before the call is dropped."""
+    from compressor.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def save_tiny_checkpoint(directory: Path, seed: int = 0, gate_seed: int | None = None, **overrides) -> Path:
+    """TINY (with `overrides`) with random weights and decisive, non-degenerate routing, saved upstream-style."""
+    from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekForCausalLM(DeepseekConfig(**{**TINY, **overrides})).eval()
+    generator = torch.Generator().manual_seed(seed + 1000 if gate_seed is None else gate_seed)
+    with torch.no_grad():
+        for layer in MOE_LAYERS:
+            gate = model.model.layers[layer].mlp.gate.weight
+            gate.copy_(0.5 * torch.randn(gate.shape, generator=generator))
+    model.save_pretrained(directory)
+    assert (directory / "model.safetensors").exists()
+    assert not any(directory.glob("tokenizer*"))
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[list[int]]) -> Path:
+    """Pre-tokenized rows (`input_ids`), one sequence per line."""
+    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
+    return path
