@@ -17,7 +17,7 @@ def _count(parameters: int) -> str:
 
 
 def write_basic_card(directory: Path, title: str, family, config: dict, plan, provenance: dict,
-                     source_bytes: int, validation=None) -> Path:
+                     validation=None) -> Path:
     """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load."""
     kept = plan.kept()
     counts = {layer: len(experts) for layer, experts in kept.items()}
@@ -76,7 +76,7 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
             f" ({'uniform' if uniform else 'per-layer counts'})",
             f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`",
             f"- size: {_size(out_bytes)} of weights, {_count(provenance['parameters'])} parameters "
-            f"(was {_size(source_bytes)}, {_count(provenance['source_parameters'])})",
+            f"(was {_size(provenance['source_bytes'])}, {_count(provenance['source_parameters'])})",
             f"- plan strategy: {plan.strategy.name if plan.strategy else 'hand-written'}",
             "",
             "## How to load",

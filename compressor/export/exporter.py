@@ -176,8 +176,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
         report = _validate_output(model, source_dir, staging, options) if options.validate else None
         from compressor.export.card import write_basic_card
 
-        write_basic_card(staging, output.name, family, config, plan, provenance, reader.total_bytes,
-                         report)
+        write_basic_card(staging, output.name, family, config, plan, provenance, report)
     reader.close()
     return ExportResult(output, compensation, len(outputs), total, fit_report, report)
 
@@ -202,15 +201,13 @@ def validate_export(model: str, output: Path, options: ExportOptions):
     source_dir, _ = resolve_model(model, options.revision)
     report = _validate_output(model, source_dir, output, options)
     if report is not None:
-        reader = CheckpointReader(source_dir)
-        write_basic_card(output, output.name, detect_family(reader.config), reader.config,
-                         Plan.load(output / PLAN_FILE), json.loads((output / PROVENANCE_FILE).read_text()),
-                         reader.total_bytes, report)
-        reader.close()
+        config = CheckpointReader(source_dir).config
+        write_basic_card(output, output.name, detect_family(config), config, Plan.load(output / PLAN_FILE),
+                         json.loads((output / PROVENANCE_FILE).read_text()), report)
     return report
 
 
-def _validate_output(model: str, source_dir: Path, staging: Path, options: ExportOptions):
+def _validate_output(model: str, source_dir: Path, directory: Path, options: ExportOptions):
     from compressor.validation.runner import ValidateOptions, validate_models
 
     sources = validation_sources(options)
@@ -218,7 +215,7 @@ def _validate_output(model: str, source_dir: Path, staging: Path, options: Expor
         print("note: no held-out data for validation (give --validate-on NAME=SOURCE); output not validated")
         return None
     report = validate_models(
-        str(source_dir), str(staging), sources,
+        str(source_dir), str(directory), sources,
         ValidateOptions(max_tokens=options.validation_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
                         dtype=options.dtype, device=options.device, max_ppl_increase=options.max_ppl_increase,
                         min_cosine=options.min_cosine, progress=options.progress),
@@ -227,10 +224,10 @@ def _validate_output(model: str, source_dir: Path, staging: Path, options: Expor
         "original": report.original.model_copy(update={"source": model}),
         "compressed": report.compressed.model_copy(update={"source": "."}),
     })
-    report.save(staging / "validation.json")
+    report.save(directory / "validation.json")
     from compressor.validation.plots import write_validation_plots
 
-    write_validation_plots(report, staging / "plots")
+    write_validation_plots(report, directory / "plots")
     return report
 
 

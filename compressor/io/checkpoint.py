@@ -196,23 +196,15 @@ class CheckpointReader:
 
     def read_raw(self, name: str) -> bytes:
         """The exact on-disk bytes of tensor `name` (little-endian, row-major), for byte-identical copies."""
-        chunks = list(self.iter_raw(name, 1 << 30))
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
-    def iter_raw(self, name: str, chunk_bytes: int = 16 << 20):
-        """The on-disk bytes of tensor `name` in chunks of at most `chunk_bytes` (bounded-memory copies)."""
-        info = self.info(name)
-        handle = self._files.get(info.shard)
-        if handle is None:
-            handle = self._files[info.shard] = open(info.shard, "rb")
-        begin, end = info.data_offsets
-        offset = begin
-        while offset < end:
-            chunk = os.pread(handle.fileno(), min(end - offset, chunk_bytes), offset)
+        fd, offset, nbytes = self.raw_location(name)
+        chunks = []
+        while nbytes:  # pread returns at most ~2 GiB at a time
+            chunk = os.pread(fd, min(nbytes, 1 << 30), offset)
             if not chunk:
-                raise UserError(f"corrupt safetensors shard {info.shard}: file is truncated while reading {name!r}")
-            yield chunk
-            offset += len(chunk)
+                raise UserError(f"corrupt safetensors shard for {name!r}: file was truncated while reading it")
+            chunks.append(chunk)
+            offset, nbytes = offset + len(chunk), nbytes - len(chunk)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
     def raw_location(self, name: str) -> tuple[int, int, int]:
         """(open file descriptor, byte offset, byte count) of tensor `name`'s data, for kernel-side copies."""
