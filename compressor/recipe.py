@@ -53,6 +53,8 @@ class ExportStage(_Section):
     batch_size: int = 8
     distill_steps: int = 300
     distill_router: bool = False
+    distill_e2e_steps: int = Field(0, ge=0)
+    distill_e2e_lr: float = Field(4e-4, gt=0)
     max_shard_size: str = "5GB"
 
 
@@ -234,7 +236,8 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
         overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
         max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
-        distill_router=e.distill_router, validate=False,
+        distill_router=e.distill_router, distill_e2e_steps=e.distill_e2e_steps, distill_e2e_lr=e.distill_e2e_lr,
+        validate=False,
         validation_data=validate.domains if validate else {},
         validation_tokens=validate.max_tokens if validate else 16384,
         max_ppl_increase=validate.max_ppl_increase if validate else None,

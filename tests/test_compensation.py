@@ -52,6 +52,12 @@ def results(tmp_path_factory):
             compensation=mode, calibration={d: f"demo:{d}" for d in TARGETS}, max_tokens=16384, seq_len=256,
             distill_steps=150, progress=False, validate=False))
         table[mode] = evaluate(out)
+    # the demo's kind of settings, scaled down: router rows, more calibration text (train split), end to end
+    out = root / "distill-e2e"
+    export_checkpoint(str(REFERENCE), plan, out, ExportOptions(
+        compensation="distill", calibration={d: f"demo:{d}@train" for d in TARGETS}, max_tokens=65536,
+        seq_len=256, distill_steps=150, distill_router=True, distill_e2e_steps=80, progress=False, validate=False))
+    table["distill-e2e"] = evaluate(out)
     return table
 
 
@@ -78,3 +84,9 @@ def test_weight_one_renormalisation_is_far_worse(results, domain):
 def test_off_target_domain_suffers_more_than_targets(results):
     """The kept experts were chosen for code and math: English loses more than either."""
     assert increase(results, "none", "english") > max(increase(results, "none", d) for d in TARGETS), results
+
+
+@pytest.mark.parametrize("domain", TARGETS)
+def test_end_to_end_distillation_takes_most_of_the_remaining_damage_away(results, domain):
+    assert increase(results, "distill-e2e", domain) < 0.7 * increase(results, "distill", domain), results
+    assert increase(results, "distill-e2e", domain) < 0.4 * increase(results, "none", domain), results

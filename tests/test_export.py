@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -665,7 +666,8 @@ def calibration(tmp_path_factory) -> Path:
 
 
 FITTED = {"scale": [], "refit": [], "distill": ["--distill-steps", "20"],
-          "distill-router": ["--distill-steps", "20", "--distill-router"]}
+          "distill-router": ["--distill-steps", "20", "--distill-router"],
+          "distill-e2e": ["--distill-steps", "20", "--distill-e2e-steps", "30", "--distill-e2e-lr", "1e-3"]}
 
 
 @pytest.fixture(scope="module")
@@ -754,16 +756,56 @@ def test_refit_changes_only_the_kept_experts_down_proj(compensated):
     assert not all(rescaled)  # a real refit of the matrices, not one number each
 
 
-@pytest.mark.parametrize("mode, router", [("distill", False), ("distill-router", True)])
+@pytest.mark.parametrize("mode, router", [("distill", False), ("distill-router", True), ("distill-e2e", False)])
 def test_distill_trains_experts_and_shared_experts_only(compensated, mode, router):
     none, distilled = checkpoint_tensors(compensated["none"]), checkpoint_tensors(compensated[mode])
     changed = _changed(none, distilled)
     routers = {n for n in none if n.endswith("mlp.gate.weight")}
     trainable = {n for n in none if ".mlp.experts." in n or ".mlp.shared_experts." in n}
     trainable |= routers if router else set()
+    if mode == "distill-e2e":  # end-to-end distillation trains the dense layer's MLP too
+        trainable |= {n for n in none if n.startswith("model.layers.0.mlp.")}
     assert changed <= trainable
     assert any(".mlp.experts." in n for n in changed) and any(".mlp.shared_experts." in n for n in changed)
     assert bool(changed & routers) is router
+
+
+def kl_to_original(source: Path, directory: Path, ids: torch.Tensor) -> float:
+    """Mean KL(original || model at `directory`) of next-token distributions over every position of `ids`."""
+    _, target = layer_outputs(source, ids)
+    _, got = layer_outputs(directory, ids)
+    target, got = target.log_softmax(-1), got.log_softmax(-1)
+    return float((target.exp() * (target - got)).sum(-1).mean())
+
+
+def test_end_to_end_distillation_lowers_the_kl_left_by_layerwise_distillation(source, compensated, calibration):
+    rows = [json.loads(line)["input_ids"] for line in calibration.read_text().splitlines()]
+    ids = torch.tensor(rows)
+    layerwise, end_to_end = (kl_to_original(source, compensated[m], ids) for m in ("distill", "distill-e2e"))
+    assert end_to_end < 0.8 * layerwise, (layerwise, end_to_end)
+    changed = _changed(checkpoint_tensors(compensated["distill"]), checkpoint_tensors(compensated["distill-e2e"]))
+    assert any(".mlp.experts." in n for n in changed) and any(".mlp.shared_experts." in n for n in changed)
+    fit = json.loads((compensated["distill-e2e"] / "moe_compress_provenance.json").read_text())["fit"]
+    assert fit["end_to_end"]["steps"] == 30 and fit["end_to_end"]["kl_last"] < fit["end_to_end"]["kl_first"]
+    assert "end_to_end" not in json.loads((compensated["distill"] / "moe_compress_provenance.json").read_text())["fit"]
+
+
+def test_end_to_end_distillation_refuses_other_modes_and_a_device_too_small(source, tmp_path, calibration,
+                                                                           monkeypatch, capsys):
+    plan = write_plan(tmp_path / "plan.json", source, UNIFORM, 1)
+    code, _, err = run_cli(["export", source, plan, "-o", tmp_path / "out", "--no-validate", "--compensation",
+                            "refit", "--calibration", f"c={calibration}", "--distill-e2e-steps", "5"], capsys)
+    assert code == 2 and "apply to --compensation distill, not refit" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2**20))
+    code, _, err = run_cli(["export", source, plan, "-o", tmp_path / "out", "--no-validate", "--compensation",
+                            "distill", "--calibration", f"c={calibration}", "--device", "cpu",
+                            "--distill-e2e-steps", "5"], capsys)
+    assert code == 2 and "holds the original and the pruned model whole" in err and "0.0 GiB is free" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_fitted_non_uniform_plan_with_padded_calibration_rows(source, tmp_path):

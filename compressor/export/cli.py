@@ -27,6 +27,9 @@ from compressor.validation.runner import parse_ppl_gate
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--distill-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--distill-router", is_flag=True, help="distill also trains the kept experts' router rows")
+@click.option("--distill-e2e-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="then this many end-to-end steps on the original's next-token distribution (whole model in memory)")
+@click.option("--distill-e2e-lr", type=click.FloatRange(min=0, min_open=True), default=4e-4, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (fitting)")
 @click.option("--dtype", default="float32", show_default=True, help="compute dtype for fitting")
 @click.option("--revision", default=None, help="Hub revision of MODEL")
@@ -40,7 +43,7 @@ from compressor.validation.runner import parse_ppl_gate
 @click.option("--push-to-hub", metavar="REPO_ID", default=None,
               help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
 def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
-           distill_steps, distill_router, device, dtype, revision, overwrite, no_validate, validate_on, max_ppl_increase,
+           distill_steps, distill_router, distill_e2e_steps, distill_e2e_lr, device, dtype, revision, overwrite, no_validate, validate_on, max_ppl_increase,
            min_cosine, push_to_hub):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
@@ -55,7 +58,8 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
         calibration=parse_named_sources(calibration) if calibration else {},
         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision, device=device,
         dtype=dtype, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, distill_steps=distill_steps,
-        distill_router=distill_router, validate=not no_validate,
+        distill_router=distill_router, distill_e2e_steps=distill_e2e_steps, distill_e2e_lr=distill_e2e_lr,
+        validate=not no_validate,
         validation_data=parse_named_sources(validate_on) if validate_on else {},
         max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
     )

@@ -45,6 +45,8 @@ class ExportOptions:
     distill_lr: float = 1e-3
     distill_batch_tokens: int = 4096
     distill_router: bool = False
+    distill_e2e_steps: int = 0  # > 0: end-to-end distillation after the layer-wise pass (model must fit)
+    distill_e2e_lr: float = 4e-4
     validate: bool = True
     validation_data: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE; default: calibration's held-out
     validation_tokens: int = 16384
@@ -118,6 +120,8 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     new_config.update(family.compensation_config(config, compensation))
     if compensation in FITTED_COMPENSATIONS and not options.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
+    if options.distill_e2e_steps and compensation != "distill":
+        raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
     mapping = TensorMapping(family, kept)
     outputs = mapping.plan(reader)
 
@@ -165,7 +169,10 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             "calibration": options.calibration,
             "fit": fit_report,
             "settings": {"max_shard_bytes": options.max_shard_bytes, "dtype": options.dtype,
-                         "max_tokens": options.max_tokens, "seq_len": options.seq_len},
+                         "max_tokens": options.max_tokens, "seq_len": options.seq_len,
+                         **({"distill_steps": options.distill_steps, "distill_router": options.distill_router,
+                             "distill_e2e_steps": options.distill_e2e_steps, "distill_e2e_lr": options.distill_e2e_lr}
+                            if compensation == "distill" else {})},
             "tensors": len(outputs),
             "bytes": total,
             "parameters": sum(math.prod(o.spec.shape) for o in outputs),
@@ -229,17 +236,3 @@ def _validate_output(model: str, source_dir: Path, directory: Path, options: Exp
 
     write_validation_plots(report, directory / "plots")
     return report
-
-
-def pruned_layer_loader(reader, family, mapping: TensorMapping, overrides: dict[str, torch.Tensor] | None = None):
-    """A function giving decoder layer `layer`'s pruned tensors (output names), with fitted overrides applied."""
-    from compressor.layerwise import layer_tensors
-
-    def load(layer: int) -> dict[str, torch.Tensor]:
-        tensors = mapping.layer_tensors(layer, layer_tensors(reader, family, layer))
-        for name in list(tensors):
-            if overrides and name in overrides:
-                tensors[name] = overrides[name]
-        return tensors
-
-    return load
