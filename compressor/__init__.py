@@ -8,8 +8,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 from compressor.errors import UserError  # noqa: E402
-from compressor.modeling import register_with_auto_classes  # noqa: E402
+from compressor.modeling import register_when_transformers_loads  # noqa: E402
 
-register_with_auto_classes()
+register_when_transformers_loads()
 
 __all__ = ["UserError", "__version__"]
