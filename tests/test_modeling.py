@@ -795,6 +795,38 @@ def test_write_modeling_files_loads_with_trust_remote_code_without_compressor(tm
     assert torch.equal(out["generated"], expected_generated)
 
 
+_REGISTRATION_SCRIPT = """
+import sys
+order, directory = sys.argv[1], sys.argv[2]
+if order == "compressor-first":
+    import compressor
+    assert "transformers.modeling_utils" not in sys.modules, "import compressor loaded the modeling stack"
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(directory)  # the config alone, before any model class is imported
+    assert type(config).__module__ == "compressor.modeling.configuration_deepseek", type(config)
+    from transformers import AutoModelForCausalLM
+else:
+    from transformers import AutoModelForCausalLM
+    import compressor
+model = AutoModelForCausalLM.from_pretrained(directory)
+print(type(model).__module__, type(model).__name__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["compressor-first", "transformers-first"])
+def test_import_compressor_registers_with_the_auto_classes_in_either_order(upstream_checkpoint, order):
+    """`import compressor` is cheap (no modeling stack) yet Auto classes resolve `deepseek` to our classes,
+    without remote code, whether transformers' Auto modules were imported before or after it."""
+    directory = upstream_checkpoint[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", _REGISTRATION_SCRIPT, order, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["compressor.modeling.modeling_deepseek", "DeepseekForCausalLM"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 7. Invalid routing width
 # --------------------------------------------------------------------------------------------------------------
