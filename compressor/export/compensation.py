@@ -270,12 +270,12 @@ def _fit_distill(block, x, wanted, options):
 
 
 def check_end_to_end_memory(original_parameters: int, pruned_parameters: int, device, dtype) -> None:
-    """Refuse end-to-end distillation up front when both models whole, plus gradients and Adam state for the
-    pruned one, do not fit the device's free memory (1 GiB kept for activations)."""
+    """Refuse end-to-end distillation up front when both models whole (the original in `dtype`, the pruned one
+    in fp32 with gradients and Adam state) do not fit the device's free memory (1 GiB kept for activations)."""
     import psutil
 
     element = torch.empty((), dtype=dtype).element_size()
-    needed = (original_parameters + pruned_parameters) * element + 3 * 4 * pruned_parameters + 2**30
+    needed = original_parameters * element + 4 * 4 * pruned_parameters + 2**30
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     if needed > free:
         raise UserError(f"end-to-end distillation holds the original and the pruned model whole: it needs about "
