@@ -789,6 +789,9 @@ def test_end_to_end_distillation_lowers_the_kl_left_by_layerwise_distillation(so
     fit = json.loads((compensated["distill-e2e"] / "moe_compress_provenance.json").read_text())["fit"]
     assert fit["end_to_end"]["steps"] == 30 and fit["end_to_end"]["kl_last"] < fit["end_to_end"]["kl_first"]
     assert "end_to_end" not in json.loads((compensated["distill"] / "moe_compress_provenance.json").read_text())["fit"]
+    card = (compensated["distill-e2e"] / "README.md").read_text()
+    assert f"compensation: `distill` (fitted layer by layer on {fit['calibration_tokens']:,} calibration tokens, " \
+           "then 30 end-to-end steps)" in card
 
 
 def test_end_to_end_distillation_refuses_other_modes_and_a_device_too_small(source, tmp_path, calibration,

@@ -74,7 +74,8 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
             f"- routed experts kept: {sum(counts.values())} of "
             f"{sum(family.num_experts(config, layer) for layer in kept)} over {len(kept)} MoE layers"
             f" ({'uniform' if uniform else 'per-layer counts'})",
-            f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`",
+            f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`"
+            f"{_fit_summary(provenance.get('fit') or {})}",
             f"- size: {_size(out_bytes)} of weights, {_count(provenance['parameters'])} parameters "
             f"(was {_size(provenance['source_bytes'])}, {_count(provenance['source_parameters'])})",
             f"- plan strategy: {plan.strategy.name if plan.strategy else 'hand-written'}",
@@ -121,3 +122,12 @@ def _validation_section(report) -> list[str]:
                   f"compressed.", ""]
     lines += ["![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
     return lines
+
+
+def _fit_summary(fit: dict) -> str:
+    """' (fitted on N calibration tokens[, then S end-to-end steps])' for fitted modes, else ''."""
+    if not fit:
+        return ""
+    end_to_end = fit.get("end_to_end")
+    steps = f", then {end_to_end['steps']} end-to-end steps" if end_to_end else ""
+    return f" (fitted layer by layer on {fit['calibration_tokens']:,} calibration tokens{steps})"
