@@ -43,8 +43,8 @@ from compressor.validation.runner import parse_ppl_gate
 @click.option("--push-to-hub", metavar="REPO_ID", default=None,
               help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
 def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
-           distill_steps, distill_router, distill_e2e_steps, distill_e2e_lr, device, dtype, revision, overwrite, no_validate, validate_on, max_ppl_increase,
-           min_cosine, push_to_hub):
+           distill_steps, distill_router, distill_e2e_steps, distill_e2e_lr, device, dtype, revision, overwrite,
+           no_validate, validate_on, max_ppl_increase, min_cosine, push_to_hub):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
 

@@ -88,9 +88,6 @@ def _relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
 def fit_compensation(reader, family, config, new_config, mapping, mode, options, scratch: Path):
     """Fit `mode` on the calibration sources; returns (FittedTensors by output name, per-layer report)."""
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
-    if mode == "distill" and options.distill_e2e_steps:
-        check_end_to_end_memory(reader.total_parameters, sum(math.prod(o.spec.shape) for o in mapping.plan(reader)),
-                                device, dtype)
     sequences, pad = _calibration_sequences(reader, options, config)
     work = list(batches(sequences, options.batch_size, pad))
     original = LayerwiseModel(family, config, device, dtype)
@@ -266,7 +263,6 @@ def _fit_distill(block, x, wanted, options):
     for p, dtype in zip(parameters, originals):
         p.requires_grad_(False)
         p.data = p.data.to(dtype)
-
 
 
 def check_end_to_end_memory(original_parameters: int, pruned_parameters: int, device, dtype) -> None:

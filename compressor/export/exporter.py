@@ -124,6 +124,13 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
         raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
     mapping = TensorMapping(family, kept)
     outputs = mapping.plan(reader)
+    parameters = sum(math.prod(o.spec.shape) for o in outputs)
+    if options.distill_e2e_steps:
+        from compressor.export.compensation import check_end_to_end_memory
+        from compressor.profiling.runner import resolve_device, resolve_dtype
+
+        check_end_to_end_memory(reader.total_parameters, parameters, resolve_device(options.device),
+                                resolve_dtype(options.dtype))
 
     with atomic_directory(output, options.overwrite) as staging, \
             tempfile.TemporaryDirectory(prefix=".moe-compress-fit-", dir=output.parent) as scratch:
@@ -175,7 +182,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
                             if compensation == "distill" else {})},
             "tensors": len(outputs),
             "bytes": total,
-            "parameters": sum(math.prod(o.spec.shape) for o in outputs),
+            "parameters": parameters,
             "source_bytes": reader.total_bytes,
             "source_parameters": reader.total_parameters,
         }
