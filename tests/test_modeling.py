@@ -791,7 +791,8 @@ def test_write_modeling_files_loads_with_trust_remote_code_without_compressor(tm
     out = torch.load(result)
     assert out["module"].startswith("transformers_modules"), out["module"]
     assert out["experts"] == [0, 64, 17, 8]
-    assert_close(out["logits"], logits_of(model, ids), atol=1e-6, rtol=1e-6)
+    # another process may use other thread counts (another summation order): fp32 agreement, not bit equality
+    assert_close(out["logits"], logits_of(model, ids))
     assert torch.equal(out["generated"], expected_generated)
 
 
