@@ -5,10 +5,13 @@
 Generates a random bf16 checkpoint (hidden 2048, 64 experts x 1408, 2 shared, vocab 102400; layer 0 dense,
 the rest MoE; several shards), then measures, each in a fresh process, wall time and peak RSS of:
   1. `moe-compress export` (uniform plan keeping --keep experts per layer, top-1, compensation none);
-  2. `cp -r` of the exported output (the same bytes: the floor for any rewrite);
-  3. transformers: load the model + drop the experts + `save_pretrained` (the naive path).
-Targets: export time <= 1.3x cp, export peak RSS < 1 GiB whatever the checkpoint size. cp leaves its bytes in
-the page cache while export fsyncs each shard, so `cp -r` + `sync` is measured too.
+  2. the baseline: a kernel copy (copy_file_range, as cp does) of exactly the bytes export keeps, from the same
+     source files, one fsync'ed file per output shard — the same bytes from the same state;
+  3. `cp -r` of the exported output, alone and followed by `sync` (for reference);
+  4. transformers: load the model + drop the experts + `save_pretrained` (the naive path, once).
+Export, baseline and cp alternate their order over --repeats rounds; before every timed run the page cache is
+dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, where permitted; the script says when it is not), so each run
+reads cold files. Targets: export <= 1.3x the baseline, export peak RSS < 1 GiB whatever the checkpoint size.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +56,21 @@ model.save_pretrained(out, max_shard_size="5GB")
 """
 
 
+_COPY_KEPT = """
+import json, os, sys
+plan = json.loads(open(sys.argv[1]).read())
+for index, ranges in enumerate(plan):
+    with open(os.path.join(sys.argv[2], f"shard-{index}.bin"), "wb") as out:
+        for path, offset, count in ranges:
+            with open(path, "rb") as source:
+                done = 0
+                while done < count:
+                    done += os.copy_file_range(source.fileno(), out.fileno(), count - done, offset + done)
+        out.flush()
+        os.fsync(out.fileno())
+"""
+
+
 def measure(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of `command` run as a child of a fresh Python process."""
     result = subprocess.run([sys.executable, "-c", _MEASURE, *command], capture_output=True, text=True, check=True)
@@ -59,11 +78,49 @@ def measure(command: list[str]) -> tuple[float, float]:
     return float(seconds), float(rss)
 
 
+def drop_caches() -> bool:
+    """Flush and drop the page cache so the next run reads cold files; False where that is not permitted."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def kept_ranges(source: Path, output: Path) -> list[list[tuple[str, int, int]]]:
+    """Per output shard, the (source file, offset, bytes) of every tensor it holds, in output order."""
+    from compressor.io import CheckpointReader
+
+    with CheckpointReader(source) as src, CheckpointReader(output) as out:
+        plan = []
+        for shard in out.shards():
+            ranges = []
+            for name in out.tensors_in_shard(shard):
+                source_name = name if name in src else None
+                if source_name is None:  # a renumbered expert: same bytes as the kept original (same shape)
+                    source_name = _original_name(name, output)
+                info = src.info(source_name)
+                ranges.append((str(info.shard), info.data_offsets[0], info.nbytes))
+            plan.append(ranges)
+        return plan
+
+
+def _original_name(name: str, output: Path) -> str:
+    """The source tensor a renumbered expert tensor of the output was copied from."""
+    plan = json.loads((output / "compression_plan.json").read_text())
+    parts = name.split(".")
+    layer, expert = parts[2], int(parts[5])
+    parts[5] = str(sorted(plan["layers"][layer]["keep"])[expert])
+    return ".".join(parts)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--keep", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the GBs (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement")
     args = parser.parse_args(argv)
     from synthetic import sixteen_b_config, write_checkpoint
 
@@ -81,31 +138,50 @@ def main(argv=None) -> int:
                 "layers": {layer: {"keep": list(range(args.keep))} for layer in moe_layers}}
         (tmp / "plan.json").write_text(json.dumps(plan))
 
-        subprocess.run(["sync"], check=True)  # the generated GBs are flushed before anything is timed
-        startup = measure([sys.executable, "-m", "compressor", "--version"])
-        ours = measure([sys.executable, "-m", "compressor", "export", str(source), str(tmp / "plan.json"),
-                        "-o", str(tmp / "ours"), "--no-validate", "--max-shard-size", "2GB"])
+        export = [sys.executable, "-m", "compressor", "export", str(source), str(tmp / "plan.json"),
+                  "-o", str(tmp / "ours"), "--no-validate", "--max-shard-size", "2GB"]
+        subprocess.run(export, check=True, stdout=subprocess.DEVNULL)  # once, to learn the output's layout
         out_size = sum(f.stat().st_size for f in (tmp / "ours").glob("*.safetensors"))
-        subprocess.run(["sync"], check=True)
-        copy = measure(["cp", "-r", str(tmp / "ours"), str(tmp / "copy")])
-        shutil.rmtree(tmp / "copy")
-        subprocess.run(["sync"], check=True)
-        # export fsyncs every shard before its atomic rename; the same durability for cp means a sync after it
-        durable = measure(["sh", "-c", f"cp -r '{tmp / 'ours'}' '{tmp / 'copy'}' && sync"])
-        shutil.rmtree(tmp / "copy")
+        (tmp / "kept.json").write_text(json.dumps(kept_ranges(source, tmp / "ours")))
+        shutil.move(tmp / "ours", tmp / "reference-output")
+        (tmp / "copy_kept.py").write_text(_COPY_KEPT)
+        sides = {
+            "moe-compress export": (export, tmp / "ours"),
+            "baseline: kernel copy of the kept bytes": (
+                ["sh", "-c", f"mkdir '{tmp / 'copy'}' && exec '{sys.executable}' '{tmp / 'copy_kept.py'}' "
+                             f"'{tmp / 'kept.json'}' '{tmp / 'copy'}'"], tmp / "copy"),
+            "cp -r of the output": (["cp", "-r", str(tmp / "reference-output"), str(tmp / "cp")], tmp / "cp"),
+            "cp -r of the output + sync": (["sh", "-c", f"cp -r '{tmp / 'reference-output'}' '{tmp / 'cp'}' && sync"],
+                                           tmp / "cp"),
+        }
+        results: dict[str, list[tuple[float, float]]] = {label: [] for label in sides}
+        cold = True
+        startup = measure([sys.executable, "-m", "compressor", "--version"])
+        for round_ in range(args.repeats):
+            order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+            for label in order:
+                command, produced = sides[label]
+                cold = drop_caches() and cold
+                results[label].append(measure(command))
+                shutil.rmtree(produced)
         naive = measure([sys.executable, "-c", _NAIVE, str(source), str(tmp / "naive"), str(args.keep)])
 
-    print(f"\noutput: {out_size / 2**30:.2f} GiB ({args.keep} of 64 experts kept per MoE layer, top-1)")
-    print(f"{'':34} {'seconds':>8} {'x cp':>6} {'peak RSS MiB':>13}")
-    for label, (seconds, rss) in [("moe-compress export", ours), ("cp -r of the output", copy),
-                                  ("cp -r + sync (as durable as export)", durable),
-                                  ("load + prune + save_pretrained", naive)]:
-        print(f"{label:34} {seconds:8.1f} {seconds / copy[0]:6.2f} {rss:13.0f}")
-    print(f"(of the export's time, {startup[0]:.1f} s is Python + torch start-up, and each shard "
-          "is fsync'ed before its atomic rename, which cp does not do)")
-    print(f"\ntargets: export <= 1.3x cp -> {'met' if ours[0] <= 1.3 * copy[0] else 'NOT met'} "
-          f"(vs cp + sync: {ours[0] / durable[0]:.2f}x); "
-          f"peak RSS < 1024 MiB -> {'met' if ours[1] < 1024 else 'NOT met'}")
+    print(f"\noutput: {out_size / 2**30:.2f} GiB ({args.keep} of 64 experts kept per MoE layer, top-1); "
+          f"{args.repeats} rounds, order alternated, "
+          + ("page cache dropped before every run" if cold else "page cache NOT dropped (not permitted here)"))
+    baseline = statistics.median(s for s, _ in results["baseline: kernel copy of the kept bytes"])
+    print(f"{'':42} {'min s':>7} {'median s':>9} {'x baseline':>11} {'peak RSS MiB':>13}")
+    for label, runs in results.items():
+        seconds = [s for s, _ in runs]
+        median = statistics.median(seconds)
+        print(f"{label:42} {min(seconds):7.1f} {median:9.1f} {median / baseline:11.2f} {max(r for _, r in runs):13.0f}")
+    print(f"{'load + prune + save_pretrained (once)':42} {naive[0]:7.1f} {naive[0]:9.1f} {naive[0] / baseline:11.2f} "
+          f"{naive[1]:13.0f}")
+    ours = statistics.median(s for s, _ in results["moe-compress export"])
+    rss = max(r for _, r in results["moe-compress export"])
+    print(f"(of the export's time, {startup[0]:.1f} s is Python + torch start-up)")
+    print(f"\ntargets: export <= 1.3x baseline -> {ours / baseline:.2f}x, {'met' if ours <= 1.3 * baseline else 'NOT met'};"
+          f" peak RSS < 1024 MiB -> {rss:.0f}, {'met' if rss < 1024 else 'NOT met'}")
     return 0
 
 

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,23 +23,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from timing import compare, ratio_line  # noqa: E402
 
-def forward_seconds(model, batches, collector=None, repeats=3) -> float:
-    """Best-of-`repeats` wall time of running every batch through `model` (with the collector attached if given)."""
-    if collector is not None:
-        collector.attach(model)
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
+
+def forward_pass(model, batches, collector=None):
+    """One pass of every batch through `model`, with the collector attached for the pass if given."""
+
+    def run():
+        if collector is not None:
+            collector.attach(model)
+        with torch.no_grad():
             for batch in batches:
                 if collector is not None:
                     collector.valid = batch.valid()
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            best = min(best, time.perf_counter() - start)
-    if collector is not None:
-        collector.detach()
-    return best
+        if collector is not None:
+            collector.detach()
+
+    return run
 
 
 def overhead(model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batch_size: int) -> dict:
@@ -49,7 +49,7 @@ def overhead(model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batc
     from compressor.families import detect_family
     from compressor.io import CheckpointReader
     from compressor.profiling.collector import RoutingCollector
-    from compressor.profiling.runner import load_tokenizer
+    from compressor.runtime import load_tokenizer
 
     config = CheckpointReader(model_dir).config
     family = detect_family(config)
@@ -60,10 +60,9 @@ def overhead(model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batc
         all_batches += list(batches(sequences, batch_size))
     tokens = sum(b.tokens for b in all_batches)
     model = family.model_class(config).from_pretrained(model_dir, dtype=torch.float32).eval()
-    plain = forward_seconds(model, all_batches)
-    profiled = forward_seconds(model, all_batches, RoutingCollector(family, config))
-    return {"tokens": tokens, "plain_tokens_per_s": tokens / plain, "profile_tokens_per_s": tokens / profiled,
-            "ratio": plain / profiled}
+    times = compare({"plain": forward_pass(model, all_batches),
+                     "profiled": forward_pass(model, all_batches, RoutingCollector(family, config))}, repeats=5)
+    return {"tokens": tokens, "times": times}
 
 
 def peak_rss(model_dir: Path, sources: dict, layerwise: bool, seq_len: int, max_tokens: int, batch_size: int) -> dict:
@@ -84,10 +83,12 @@ print(json.dumps({{"seconds": time.perf_counter() - start,
 def report(title: str, model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batch_size: int) -> None:
     print(f"\n## {title}")
     o = overhead(model_dir, sources, seq_len, max_tokens, batch_size)
-    print(f"tokens per pass: {o['tokens']}")
-    print(f"plain forward:   {o['plain_tokens_per_s']:10.0f} tokens/s")
-    print(f"profiling:       {o['profile_tokens_per_s']:10.0f} tokens/s")
-    print(f"ratio profiling / plain forward: {o['ratio']:.3f}  (target >= 0.9)")
+    plain, profiled = o["times"]["plain"], o["times"]["profiled"]
+    print(f"tokens per pass: {o['tokens']} (both sides warmed up, 5 interleaved passes each, order alternated)")
+    print(f"plain forward:   {o['tokens'] / plain.best:10.0f} tokens/s best, {o['tokens'] / plain.median:10.0f} median")
+    print(f"profiling:       {o['tokens'] / profiled.best:10.0f} tokens/s best, "
+          f"{o['tokens'] / profiled.median:10.0f} median")
+    print(ratio_line("speed ratio profiling / plain forward (target >= 0.9)", plain, profiled))
     whole = peak_rss(model_dir, sources, False, seq_len, max_tokens, batch_size)
     layerwise = peak_rss(model_dir, sources, True, seq_len, max_tokens, batch_size)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from timing import compare, ratio_line  # noqa: E402
 
 
 def forward_flops_per_token(config: dict, seq_len: int) -> float:
@@ -38,21 +40,19 @@ def forward_flops_per_token(config: dict, seq_len: int) -> float:
     return flops
 
 
-def tokens_per_second(path: Path, batches: list[torch.Tensor], repeats: int = 3) -> float:
+def forward_pass(path: Path, batches: list[torch.Tensor]):
+    """A function running every batch through the model at `path` (fp32, no KV cache)."""
     import compressor  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokens = sum(b.numel() for b in batches)
-    best = float("inf")
-    with torch.no_grad():
-        model(input_ids=batches[0], use_cache=False)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
+
+    def run():
+        with torch.no_grad():
             for batch in batches:
                 model(input_ids=batch, use_cache=False)
-            best = min(best, time.perf_counter() - start)
-    return tokens / best
+
+    return run
 
 
 def main(argv=None) -> int:
@@ -81,15 +81,16 @@ def main(argv=None) -> int:
         stream += part[: need // len(domains) + args.seq_len]
     ids = torch.tensor(stream[:need]).view(args.batches, args.batch_size, args.seq_len)
     batches = list(ids)
-    original = tokens_per_second(args.original, batches)
-    compressed = tokens_per_second(args.compressed, batches)
+    tokens = sum(b.numel() for b in batches)
+    times = compare({"original": forward_pass(args.original, batches),
+                     "compressed": forward_pass(args.compressed, batches)}, repeats=5)
     configs = [json.loads((p / "config.json").read_text()) for p in (args.original, args.compressed)]
     flop_ratio = forward_flops_per_token(configs[0], args.seq_len) / forward_flops_per_token(configs[1], args.seq_len)
     sizes = [sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20 for p in (args.original, args.compressed)]
-    print(f"{'model':12} {'weights MiB':>12} {'tokens/s':>10}")
-    print(f"{'original':12} {sizes[0]:12.1f} {original:10.0f}")
-    print(f"{'compressed':12} {sizes[1]:12.1f} {compressed:10.0f}")
-    print(f"speed-up {compressed / original:.2f}x; FLOP ratio (the limit) {flop_ratio:.2f}x")
+    print(f"{'model':12} {'weights MiB':>12} {'tokens/s best':>14} {'median':>8}  (warmed up; 5 passes each, interleaved)")
+    for (name, timing), size in zip(times.items(), sizes):
+        print(f"{name:12} {size:12.1f} {tokens / timing.best:14.0f} {tokens / timing.median:8.0f}")
+    print(ratio_line("speed-up", times["original"], times["compressed"]) + f"; FLOP ratio (the limit) {flop_ratio:.2f}x")
     return 0
 
 

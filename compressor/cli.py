@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -30,7 +34,7 @@ def inspect(model, revision):
     with CheckpointReader(directory) as reader:
         config = reader.config
         family = detect_family(config)
-        family.validate_checkpoint(config, reader.names())
+        family.validate_checkpoint(config, reader)
         moe_layers = family.moe_layers(config)
         counts = sorted({family.num_experts(config, layer) for layer in moe_layers})
         router = family.router(config)
@@ -49,21 +53,13 @@ def inspect(model, revision):
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
-@click.option("--overwrite", is_flag=True, help="replace an earlier report in that directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing report directory")
 def report(files, output, overwrite):
     """One HTML page (+ PNGs) from PROFILE.json, PLAN.json and/or validation.json; a summary.md per profile."""
-    from compressor.profiling.report import write_profile_report
-    from compressor.profiling.schema import Profile
-    from compressor.report import load_artifact, write_html_report
+    from compressor.report import write_report
 
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} exists and is not a directory")
-    if (output / "report.html").exists() and not overwrite:
-        raise UserError(f"{output} already holds a report; pass --overwrite to replace it")
-    for path in files:
-        if isinstance(load_artifact(path), Profile):
-            click.echo(f"wrote {write_profile_report(Profile.load(path), output)}")
-    click.echo(f"wrote {write_html_report(list(files), output)}")
+    for page in write_report(list(files), output, overwrite):
+        click.echo(f"wrote {page}")
 
 
 @cli.command()
@@ -73,13 +69,13 @@ def report(files, output, overwrite):
 def run(recipe_path, overrides):
     """Run a recipe: profile -> plan -> export (+ validation) -> push, skipping up-to-date stages."""
     from compressor.recipe import load_recipe, run_recipe
-    from compressor.report import write_html_report
+    from compressor.report import write_report
 
     recipe = load_recipe(recipe_path, overrides)
     outcome = run_recipe(recipe, echo=click.echo)
     artifacts = outcome["artifacts"]
     files = [artifacts["profile"], artifacts["plan"]] + ([artifacts["validation"]] if artifacts["validation"] else [])
-    page = write_html_report(files, Path(recipe.work_dir) / "report")
+    page, *_ = write_report(files, Path(recipe.work_dir) / "report", overwrite=True)
     click.echo(f"report: {page}")
     if artifacts["validation"]:
         from compressor.validation.cli import summary_table
@@ -91,39 +87,96 @@ def run(recipe_path, overrides):
         sys.exit(1)
 
 
-def _register_commands() -> None:
-    from compressor.data.cli import data
-    from compressor.export.cli import export
-    from compressor.hub.cli import push
-    from compressor.planning.cli import plan
-    from compressor.profiling.cli import profile
-    from compressor.serving.cli import serve_check
-    from compressor.validation.cli import validate
-
-    cli.add_command(data)
-    cli.add_command(export)
-    cli.add_command(push)
-    cli.add_command(plan)
-    cli.add_command(profile)
-    cli.add_command(serve_check)
-    cli.add_command(validate)
+_LAZY_COMMANDS = {
+    # name: (module:attribute, one-line help) — modules load only when their command runs (`--help` stays fast)
+    "data": ("compressor.data.cli:data", "The demo domains: fetch their sources, list them."),
+    "export": ("compressor.export.cli:export", "Write MODEL pruned by PLAN.json into OUT, shard by shard."),
+    "plan": ("compressor.planning.cli:plan", "Choose the experts to keep from a profile; `plan show` summarises."),
+    "profile": ("compressor.profiling.cli:profile", "Record per-domain routing statistics of a model."),
+    "push": ("compressor.hub.cli:push", "Upload an exported OUT to the Hugging Face Hub."),
+    "serve-check": ("compressor.serving.cli:serve_check", "Check that vLLM loads OUT and computes the same."),
+    "validate": ("compressor.validation.cli:validate", "Compare a compressed model with its original."),
+}
 
 
-_register_commands()
+class _LazyGroup(click.Group):
+    """A command group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in self.commands or name not in _LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        module, _, attribute = _LAZY_COMMANDS[name][0].partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        self.add_command(command, name)
+        return command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, _LAZY_COMMANDS[name][1] if name in _LAZY_COMMANDS and name not in self.commands
+                 else self.commands[name].get_short_help_str(limit=formatter.width)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+cli.__class__ = _LazyGroup
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so staging and scratch files are removed before the process ends."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Exit at once after an interrupt (every cleanup has run by now). CPython would turn the exit code into a
+    death by SIGINT when the KeyboardInterrupt passed through certain C-level calls, so skip its finalisation."""
+    click.echo(message, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the CLI, turning bad input into one line on stderr and exit code 2."""
+    """Entry point: runs the CLI; bad input becomes one `error: ...` line on stderr and exit code 2."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, standalone_mode=False, prog_name="moe-compress")
     except UserError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(UserError.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as error:  # a bare group: its help, as with --help
+        click.echo(error.ctx.get_help() if error.ctx is not None else error.format_message())
+        sys.exit(0)
+    except click.exceptions.UsageError as error:
+        hint = f" (see moe-compress {error.ctx.command_path.partition(' ')[2]} --help)".replace("  ", " ") \
+            if error.ctx is not None else ""
+        click.echo(f"error: {_one_line(error.format_message())}{hint}", err=True)
+        sys.exit(UserError.exit_code)
     except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
+        click.echo(f"error: {_one_line(error.format_message())}", err=True)
+        sys.exit(UserError.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _exit_now("error: interrupted; nothing was left half-written", 130)
+    except Terminated:
+        _exit_now("error: terminated (SIGTERM); nothing was left half-written", 143)
+    except Exception as error:  # noqa: BLE001 - the promise is one line and exit 2, whatever went wrong
+        if os.environ.get("MOE_COMPRESS_DEBUG"):
+            raise
+        message = _one_line(error) or "no message"
+        click.echo(f"error: {type(error).__name__}: {message} (set MOE_COMPRESS_DEBUG=1 for the traceback)",
+                   err=True)
+        sys.exit(UserError.exit_code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from compressor.errors import UserError
-
 
 class DefaultCommandGroup(click.Group):
     """A group whose default subcommand runs when the first argument names no subcommand
@@ -23,9 +21,10 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def checked_output_path(path: Path, overwrite: bool) -> None:
-    """Fail before any work when an output file exists (without --overwrite) or its folder cannot exist."""
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir():
-        raise UserError(f"{path} is a directory; give a file name")
+def checked_output_path(path: Path, overwrite: bool, *, directory: bool = False, reads=()) -> None:
+    """Before any work: refuse an output that exists (without --overwrite), is of the other kind, cannot be
+    written, or lies inside (or contains) a model directory in `reads` (local paths; Hub ids are skipped)."""
+    from compressor.io.atomic import check_not_inside, check_writable_target
+
+    check_writable_target(path, overwrite, directory=directory)
+    check_not_inside(path, [Path(p) for p in reads if Path(p).is_dir()])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from compressor.errors import UserError
 
@@ -20,14 +21,14 @@ COMPENSATION = Literal["none", "renorm", "scale", "refit", "distill"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ProfileStage(_Section):
     domains: dict[str, str] = Field(description="NAME: SOURCE to profile (demo: sources use the calibration split)")
-    max_tokens: int = 65536
-    seq_len: int = 512
-    batch_size: int = 8
+    max_tokens: PositiveInt = 65536
+    seq_len: int = Field(512, ge=2)
+    batch_size: PositiveInt = 8
     layerwise: bool = False
     text_field: str = "text"
 
@@ -42,16 +43,16 @@ class PlanStage(_Section):
     criterion: Literal["frequency", "top1", "gate", "reap"] = "frequency"
     domains: dict[str, float] | None = Field(None, description="targeted domains and their weights")
     protect: dict[int, list[int]] = Field(default_factory=dict)
-    top_k: int = 1
+    top_k: PositiveInt = 1
 
 
 class ExportStage(_Section):
     compensation: COMPENSATION = "distill"
     calibration: dict[str, str] = Field(default_factory=dict)
-    max_tokens: int = 32768
-    seq_len: int = 512
-    batch_size: int = 8
-    distill_steps: int = 300
+    max_tokens: PositiveInt = 32768
+    seq_len: int = Field(512, ge=2)
+    batch_size: PositiveInt = 8
+    distill_steps: PositiveInt = 300
     distill_router: bool = False
     distill_e2e_steps: int = Field(0, ge=0)
     distill_e2e_lr: float = Field(4e-4, gt=0)
@@ -60,7 +61,7 @@ class ExportStage(_Section):
 
 class ValidateStage(_Section):
     domains: dict[str, str] = Field(default_factory=dict, description="held-out NAME: SOURCE (demo: evaluation split)")
-    max_tokens: int = 16384
+    max_tokens: int = Field(16384, ge=2)
     max_ppl_increase: float | dict[str, float] | None = Field(
         None, description="relative limit for every domain, or {domain: limit} for the domains it names")
     min_cosine: float | None = None
@@ -138,7 +139,7 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         _set(tree, key.strip(), value.strip())
         overridden.append(key.strip())
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])
@@ -148,6 +149,105 @@ def load_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Reci
         line = _line_of(text, location)
         where = f"line {line}, " if line else ""
         raise UserError(f"{path}: {where}key {key!r}: {first['msg']}") from None
+    try:
+        check_recipe(recipe)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return recipe
+
+
+def _plan_options(recipe: Recipe):
+    from compressor.planning import PlanOptions
+
+    p = recipe.plan
+    return PlanOptions(strategy=p.strategy, keep=p.keep, keep_fraction=p.keep_fraction, coverage=p.coverage,
+                       min_keep=p.min_keep, max_keep=p.max_keep, criterion=p.criterion, domains=p.domains,
+                       protect={layer: set(experts) for layer, experts in p.protect.items()}, top_k=p.top_k,
+                       compensation=recipe.export.compensation)
+
+
+def _export_options(recipe: Recipe):
+    from compressor.export.exporter import ExportOptions, parse_size
+
+    e, validate = recipe.export, recipe.validate_
+    return ExportOptions(
+        compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
+        overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
+        max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
+        distill_router=e.distill_router, distill_e2e_steps=e.distill_e2e_steps, distill_e2e_lr=e.distill_e2e_lr,
+        validate=validate is not None,
+        validation_data=validate.domains if validate else {},
+        validation_tokens=validate.max_tokens if validate else 16384,
+        max_ppl_increase=validate.max_ppl_increase if validate else None,
+        min_cosine=validate.min_cosine if validate else None)
+
+
+def _at(key: str, check, *args, **kwargs):
+    """Run a check, naming the recipe key in its error."""
+    try:
+        return check(*args, **kwargs)
+    except UserError as error:
+        raise UserError(f"key {key!r}: {error}") from None
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The recipe's values, checked together when it is loaded (UserError naming the key): what no machine could
+    run. `check_recipe_runnable` adds what depends on this machine (data, devices, paths, Hub token)."""
+    from compressor.export.exporter import FITTED_COMPENSATIONS, check_gates_can_run
+    from compressor.planning.strategies import check_plan_options
+    from compressor.runtime import DTYPES
+
+    at = _at
+    if recipe.device != "auto" and recipe.device != "cpu" and not recipe.device.startswith("cuda"):
+        raise UserError(f"key 'device': cpu, cuda, cuda:N or auto, not {recipe.device!r}")
+    if recipe.dtype not in DTYPES:
+        raise UserError(f"key 'dtype': one of {', '.join(DTYPES)}, not {recipe.dtype!r}")
+    if not recipe.profile.domains:
+        raise UserError("key 'profile.domains': list at least one NAME: SOURCE")
+    at("plan", check_plan_options, _plan_options(recipe))
+    unknown = sorted(set(recipe.plan.domains or {}) - set(recipe.profile.domains))
+    if unknown:
+        raise UserError(f"key 'plan.domains': {', '.join(unknown)} not profiled (profile.domains has "
+                        f"{', '.join(recipe.profile.domains)})")
+    export = at("export.max_shard_size", _export_options, recipe)
+    if recipe.export.compensation in FITTED_COMPENSATIONS and not recipe.export.calibration:
+        raise UserError(f"key 'export.calibration': compensation {recipe.export.compensation} fits on calibration "
+                        "data; list NAME: SOURCE entries")
+    if recipe.export.distill_e2e_steps and recipe.export.compensation != "distill":
+        raise UserError("key 'export.distill_e2e_steps': end-to-end steps apply to compensation distill only")
+    if recipe.validate_ is not None:
+        at("validate", check_gates_can_run, export)
+    if recipe.push is not None:
+        from compressor.hub import check_repo_id
+
+        at("push.repo_id", check_repo_id, recipe.push.repo_id)
+
+
+def check_recipe_runnable(recipe: Recipe) -> None:
+    """Before the first stage: the data sources exist, the device is there, the work dir can be written (and is
+    not inside the model), a Hub token is available for push (UserError naming the key)."""
+    from compressor.data.sources import check_source
+    from compressor.io.atomic import check_not_inside, check_writable_target
+    from compressor.runtime import resolve_device
+
+    at = _at
+    at("device", resolve_device, recipe.device)
+    for name, spec in recipe.profile.domains.items():
+        at(f"profile.domains.{name}", check_source, spec, default_split="calibration")
+    for name, spec in recipe.export.calibration.items():
+        at(f"export.calibration.{name}", check_source, spec, default_split="calibration")
+    if recipe.validate_ is not None:
+        for name, spec in recipe.validate_.domains.items():
+            at(f"validate.domains.{name}", check_source, spec, default_split="evaluation")
+    if recipe.push is not None:
+        from compressor.hub import check_push_ready
+
+        at("push.repo_id", check_push_ready, recipe.push.repo_id)
+    work = Path(recipe.work_dir)
+    at("work_dir", check_writable_target, work, True, directory=True)
+    model = Path(recipe.model).expanduser()
+    if model.is_dir():
+        at("work_dir", check_not_inside, work, [model])
 
 
 def _digest(*parts) -> str:
@@ -191,11 +291,12 @@ class _State:
 def run_recipe(recipe: Recipe, echo=print) -> dict:
     """Run every stage (skipping up-to-date ones); returns artifact paths and whether validation passed."""
     from compressor import __version__
-    from compressor.export.exporter import ExportOptions, export_checkpoint, parse_size, validate_export
+    from compressor.export.exporter import export_checkpoint, validate_export
     from compressor.io.resolve import resolve_model
-    from compressor.planning import Plan, PlanOptions, make_plan
+    from compressor.planning import Plan, make_plan
     from compressor.profiling import Profile, ProfileOptions, profile_model
 
+    check_recipe_runnable(recipe)
     work = Path(recipe.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     state = _State(work)
@@ -220,28 +321,16 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     if state.fresh("plan", digest, artifacts["plan"]):
         echo(f"plan: up to date ({artifacts['plan']})")
     else:
-        p = recipe.plan
-        plan = make_plan(Profile.load(artifacts["profile"]), PlanOptions(
-            strategy=p.strategy, keep=p.keep, keep_fraction=p.keep_fraction, coverage=p.coverage,
-            min_keep=p.min_keep, max_keep=p.max_keep, criterion=p.criterion, domains=p.domains,
-            protect={layer: set(experts) for layer, experts in p.protect.items()}, top_k=p.top_k,
-            compensation=recipe.export.compensation))
+        plan = make_plan(Profile.load(artifacts["profile"]), _plan_options(recipe))
         plan.save(artifacts["plan"])
         state.record("plan", digest)
         echo(f"plan: wrote {artifacts['plan']}")
 
     validate = recipe.validate_
     e = recipe.export
-    export_options = ExportOptions(
-        compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
-        overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
-        max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
-        distill_router=e.distill_router, distill_e2e_steps=e.distill_e2e_steps, distill_e2e_lr=e.distill_e2e_lr,
-        validate=False,
-        validation_data=validate.domains if validate else {},
-        validation_tokens=validate.max_tokens if validate else 16384,
-        max_ppl_increase=validate.max_ppl_increase if validate else None,
-        min_cosine=validate.min_cosine if validate else None)
+    validate_options = _export_options(recipe)
+    # validation is a stage of its own (a threshold change re-validates without re-exporting)
+    export_options = replace(validate_options, validate=False, max_ppl_increase=None, min_cosine=None)
     digest = _digest(__version__, model_digest, _file_digest(artifacts["plan"]), e.model_dump(), recipe.dtype)
     if state.fresh("export", digest, artifacts["model"]):
         echo(f"export: up to date ({artifacts['model']})")
@@ -258,7 +347,7 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         if state.fresh("validate", digest, validation_path):
             echo(f"validate: up to date ({validation_path})")
         else:
-            report = validate_export(recipe.model, artifacts["model"], export_options)
+            report = validate_export(recipe.model, artifacts["model"], validate_options)
             if report is None:
                 raise UserError("validate: no held-out data; list validate.domains (NAME: SOURCE)")
             state.record("validate", digest)

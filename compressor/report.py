@@ -16,11 +16,14 @@ def load_artifact(path: Path):
     from compressor.profiling.schema import Profile
     from compressor.validation.schema import ValidationReport
 
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a profile, plan or validation JSON file")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not JSON (expected a profile, plan or validation report)") from None
     if isinstance(data, dict) and "compressed" in data:
         return ValidationReport.load(path)
@@ -42,20 +45,43 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_html_report(paths: list[Path], directory: Path) -> Path:
-    """Write `report.html` (figures embedded) and the PNG files into `directory`."""
+def write_report(paths: list[Path], directory: Path, overwrite: bool = False) -> list[Path]:
+    """Write `report.html` (figures embedded), the PNGs and, per profile, `summary.md` into the folder
+    `directory`, atomically (an existing one is replaced only with `overwrite`); returns the pages written."""
+    from compressor.io.atomic import atomic_directory, check_writable_target
+
+    artifacts = [load_artifact(path) for path in paths]
+    _check_related(list(zip(paths, artifacts)))
+    check_writable_target(directory, overwrite, directory=True)
+    with atomic_directory(directory, overwrite) as staging:
+        pages = [directory / page.name for page in _write_pages(artifacts, staging)]
+    return pages
+
+
+def _check_related(named: list) -> None:
+    """A plan given with a profile must come from that profile (its profile_hash), so coverage means what it says."""
     from compressor.planning import Plan
-    from compressor.profiling.report import concentration, write_profile_figures
+    from compressor.profiling.schema import Profile
+
+    profiles = [(path, a) for path, a in named if isinstance(a, Profile)]
+    for path, plan in ((p, a) for p, a in named if isinstance(a, Plan)):
+        if plan.profile_hash and profiles and all(plan.profile_hash != p.content_hash() for _, p in profiles):
+            raise UserError(f"plan {path} was made from another profile than {profiles[0][0]} "
+                            "(its profile_hash differs); give the profile it was made from")
+
+
+def _write_pages(artifacts: list, directory: Path) -> list[Path]:
+    from compressor.planning import Plan
+    from compressor.profiling.report import concentration, write_profile_report
     from compressor.profiling.schema import Profile
     from compressor.validation.plots import write_validation_plots
     from compressor.validation.schema import ValidationReport
 
-    artifacts = [load_artifact(path) for path in paths]
-    directory.mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections, pages = [], []
     for artifact in artifacts:
         if isinstance(artifact, Profile):
-            figures = write_profile_figures(artifact, directory)
+            summary, figures = write_profile_report(artifact, directory)
+            pages.append(summary)
             rows = []
             for domain in artifact.domains:
                 c = concentration(artifact, domain)
@@ -105,4 +131,4 @@ def write_html_report(paths: list[Path], directory: Path) -> Path:
             f"<style>{style}</style></head><body><h1>moe-compress report</h1>{''.join(sections)}</body></html>")
     out = directory / "report.html"
     out.write_text(page)
-    return out
+    return [out, *pages]

@@ -3,20 +3,19 @@
 import copy
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2DecoderLayer
 
+import fixtures
 from compressor.errors import UserError
 from compressor.families import RouterSpec, TensorRole, detect_family, get_family
 from compressor.io import CheckpointReader
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
 from compressor.modeling.modeling_deepseek import DeepseekDecoderLayer
 
-REFERENCE = Path("/work/shared/reference/deepseek-moe-16b-base")
 
 # deepseek-ai/deepseek-moe-16b-base config.json (the keys that matter), used when the reference copy is absent.
 DEEPSEEK_MOE_16B = {
@@ -117,16 +116,14 @@ V2_GROUPED = {
 
 @pytest.fixture(scope="module")
 def moe16b_config():
-    path = REFERENCE / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else dict(DEEPSEEK_MOE_16B)
+    config = fixtures.deepseek_moe_16b_config()
+    assert {k: config[k] for k in DEEPSEEK_MOE_16B} == DEEPSEEK_MOE_16B
+    return config
 
 
 @pytest.fixture(scope="module")
 def moe16b_names():
-    path = REFERENCE / "model.safetensors.index.json"
-    if not path.is_file():
-        pytest.skip(f"reference weight map {path} not available")
-    return sorted(json.loads(path.read_text())["weight_map"])
+    return sorted(fixtures.deepseek_moe_16b_weight_map())
 
 
 # -- detection ------------------------------------------------------------------------------------
@@ -227,11 +224,30 @@ def test_naming_agrees_with_the_real_16b_weight_map(moe16b_config, moe16b_names)
     assert set(family.non_layer_tensor_names(moe16b_config)) == {n for n in names if not n.startswith("model.layers.")}
     assert roles["lm_head.weight"] == TensorRole("other", None, None, "lm_head.weight")
     assert family.expected_tensor_names(moe16b_config) <= names
-    family.validate_checkpoint(moe16b_config, names)
+    family.validate_checkpoint(moe16b_config, HeadersOf16B(names))
     with pytest.raises(UserError, match="missing model.layers.5.mlp.experts.63.down_proj.weight"):
-        family.validate_checkpoint(moe16b_config, names - {"model.layers.5.mlp.experts.63.down_proj.weight"})
+        family.validate_checkpoint(moe16b_config,
+                                   HeadersOf16B(names - {"model.layers.5.mlp.experts.63.down_proj.weight"}))
     with pytest.raises(UserError, match="no expert for"):
-        family.validate_checkpoint(moe16b_config, names | {"model.layers.5.mlp.experts.64.down_proj.weight"})
+        family.validate_checkpoint(moe16b_config,
+                                   HeadersOf16B(names | {"model.layers.5.mlp.experts.64.down_proj.weight"}))
+
+
+class HeadersOf16B:
+    """A header-only stand-in for a CheckpointReader of the real 16B: its tensor names, shapes by role."""
+
+    def __init__(self, names):
+        self._names = sorted(names)
+
+    def names(self):
+        return list(self._names)
+
+    def info(self, name):
+        from types import SimpleNamespace
+
+        shape = {"gate.weight": (64, 2048), "down_proj.weight": (2048, 1408)}.get(".".join(name.split(".")[-2:]),
+                                                                                  (1408, 2048))
+        return SimpleNamespace(shape=shape)
 
 
 # -- pruned configs -------------------------------------------------------------------------------------
@@ -383,7 +399,7 @@ def test_deepseek_v2_layer_state_dict_loads_and_matches(v2_checkpoint, layer):
     reader = CheckpointReader(path)
     family = detect_family(reader.config)
     assert family.name == "deepseek_v2"
-    family.validate_checkpoint(reader.config, reader.names())
+    family.validate_checkpoint(reader.config, reader)
     tensors = _layer_tensors(reader, family, layer)
     if layer >= 1:
         assert sum(family.classify(n).kind == "expert" for n in tensors) == 8 * 3
@@ -451,7 +467,7 @@ def test_deepseek_moe_layer_state_dict_is_identity(tmp_path):
     model.save_pretrained(tmp_path)
     reader = CheckpointReader(tmp_path)
     assert detect_family(reader.config) is family
-    family.validate_checkpoint(reader.config, reader.names())
+    family.validate_checkpoint(reader.config, reader)
     assert family.model_class(reader.config) is DeepseekForCausalLM
     tensors = _layer_tensors(reader, family, 1)
     state = family.layer_state_dict(reader.config, 1, tensors)

@@ -4,10 +4,10 @@ Expectations are computed by hand from small synthetic profiles (2 MoE layers x 
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 
+import fixtures
 from compressor.errors import UserError
 from compressor.families import get_family
 from compressor.planning import (
@@ -31,7 +31,6 @@ from compressor.profiling.schema import (
 )
 from helpers import run_cli
 
-COUNTS_FILE = Path("/work/shared/reference/moe-lens-routing-counts.json")
 
 # A tiny DeepSeekMoE config: decoder layers 0..2, layer 0 dense, layers 1 and 2 MoE with 8 routed experts.
 CONFIG = {
@@ -459,9 +458,7 @@ def test_cli_missing_profile_and_existing_output(tmp_path, profile_file, capsys)
 
 
 def test_deepseek_moe_16b_uniform_32_for_gsm8k():
-    if not COUNTS_FILE.exists():
-        pytest.skip(f"{COUNTS_FILE} is absent")
-    counts = json.loads(COUNTS_FILE.read_text())["models"]["deepseek-ai/deepseek-moe-16b-base"]
+    counts = fixtures.moe_lens_counts()
     layers = list(range(1, 28))
     model = ModelIdentity(source="deepseek-ai/deepseek-moe-16b-base", family="deepseek_moe", config_hash="0" * 64,
                           moe_layers=layers, experts_per_layer={str(layer): 64 for layer in layers}, top_k=6)

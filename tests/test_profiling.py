@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fixtures
 from compressor.errors import UserError
 from compressor.modeling import DeepseekForCausalLM
 from compressor.profiling import Profile, ProfileOptions, merge_profiles, profile_model
@@ -30,7 +31,6 @@ from compressor.profiling.schema import (
 from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_COUNTS = Path("/work/shared/reference/moe-lens-routing-counts.json")
 N_EXPERTS, TOP_K = 8, 3
 SEQ_LEN, BATCH = 16, 4
 COUNT_KEYS = ("selected", "top1")
@@ -470,9 +470,7 @@ README_FIGURES = {  # domain: (top share median %, max %, experts for 50%: min, 
 
 @pytest.fixture(scope="module")
 def lens_profile() -> Profile:
-    if not REFERENCE_COUNTS.exists():
-        pytest.skip(f"reference data {REFERENCE_COUNTS} is not available in this checkout")
-    counts = json.loads(REFERENCE_COUNTS.read_text())["models"]["deepseek-ai/deepseek-moe-16b-base"]
+    counts = fixtures.moe_lens_counts()
     layers = list(range(1, 28))
     domains = {}
     for name, per_layer in counts.items():
@@ -513,8 +511,10 @@ def test_lens_profile_round_trips_as_counts_only(lens_profile, tmp_path):
 
 @pytest.mark.slow
 def test_write_profile_report(lens_profile, tmp_path):
-    summary = write_profile_report(lens_profile, tmp_path / "report")
+    (tmp_path / "report").mkdir()
+    summary, figures = write_profile_report(lens_profile, tmp_path / "report")
     assert summary == tmp_path / "report" / "summary.md"
+    assert sorted(figures) == sorted((tmp_path / "report").glob("*.png"))
     pngs = sorted((tmp_path / "report").glob("*.png"))
     assert len(pngs) >= len(README_FIGURES) + 2  # a heatmap per domain, top-expert share, coverage
     for png in pngs:

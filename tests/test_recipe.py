@@ -109,11 +109,12 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_set_overrides(tmp_path):
     path = write(tmp_path, SMALL)
     recipe = load_recipe(path, ["work_dir=/elsewhere", "plan.keep_fraction=0.25", "export.compensation=scale",
-                                "validate.max_ppl_increase=0.1", "profile.domains.math=m.jsonl"])
+                                "export.calibration.code=code.jsonl", "validate.max_ppl_increase=0.1",
+                                "validate.domains.code=code.jsonl", "profile.domains.math=m.jsonl"])
     assert recipe.work_dir == "/elsewhere"
     assert recipe.plan.keep_fraction == 0.25 and recipe.plan.top_k == 1
     assert recipe.export.compensation == "scale"
-    assert recipe.validate_.max_ppl_increase == 0.1 and recipe.validate_.domains == {}
+    assert recipe.validate_.max_ppl_increase == 0.1 and recipe.validate_.domains == {"code": "code.jsonl"}
     assert recipe.profile.domains == {"code": "code.jsonl", "math": "m.jsonl"}
     assert load_recipe(path).work_dir == "/tmp/work"  # the file itself is untouched
 

@@ -400,7 +400,7 @@ def test_export_validates_its_output(source, plan_path, data, report, tmp_path):
         max_ppl_increase=10.0))
     saved = ValidationReport.load(out / "validation.json")
     assert result.validation == saved and saved.passed
-    assert saved.compressed.source == "." and saved.original.source == str(source)
+    assert saved.compressed.source == str(out) and saved.original.source == str(source)
     # the same numbers as validating the same export separately
     for name, d in report.domains.items():
         assert saved.domains[name].perplexity_compressed == pytest.approx(d.perplexity_compressed, rel=1e-9)

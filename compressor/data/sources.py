@@ -67,6 +67,32 @@ def parse_named_sources(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return named
 
 
+def check_source(spec: str, *, default_split: str = "calibration") -> None:
+    """Check a SOURCE without loading it (UserError when it cannot work): a known demo domain and split, an
+    existing file of a supported kind or a folder with .txt files, or a well-formed hf: spec."""
+    if spec.startswith("demo:"):
+        from compressor.data.demo import SPLITS, _domain
+
+        name, _, split = spec[len("demo:"):].partition("@")
+        _domain(name)
+        if (split or default_split) not in SPLITS:
+            raise UserError(f"data source {spec!r}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return
+    spec, _ = _split_text_field(spec, "text")
+    if spec.startswith("hf:"):
+        if not spec[len("hf:"):].partition("@")[0].partition(":")[0]:
+            raise UserError(f"data source {spec!r}: expected hf:<repo>[:<config>][@<split>]")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"data source {spec!r} does not exist (SOURCE: {SOURCE_FORMS})")
+    if path.is_dir():
+        if not any(path.rglob("*.txt")):
+            raise UserError(f"folder {path} holds no .txt files")
+    elif path.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+        raise UserError(f"unsupported data source {spec!r}: use {SOURCE_FORMS}")
+
+
 def load_source(spec: str, *, default_split: str = "calibration", text_field: str = "text") -> LoadedSource:
     """Load one SOURCE (see module docstring). Errors are one-line UserErrors."""
     if spec.startswith("demo:"):
@@ -124,10 +150,18 @@ def _load_hub_dataset(spec: str, default_split: str, text_field: str) -> LoadedS
         import datasets
     except ImportError:
         raise UserError("hf: data sources need the `datasets` package: pip install datasets") from None
+    from compressor.io.hub_access import offline_unless_reachable
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
     try:
-        dataset = datasets.load_dataset(repo, config or None, split=split)
+        with offline_unless_reachable() as offline:
+            dataset = datasets.load_dataset(repo, config or None, split=split)
     except Exception as error:  # datasets raises many types; the message is what matters
-        raise UserError(f"could not load dataset {spec!r}: {str(error).splitlines()[0]}") from None
+        where = " (the Hub cannot be reached, so only the local datasets cache was tried)" if offline else ""
+        raise UserError(f"could not load dataset {spec!r}{where}: {str(error).splitlines()[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     rows = dataset.to_list()
     details = {"repo": repo, "config": config or None, "split": split,
                "fingerprint": getattr(dataset, "_fingerprint", None)}

@@ -16,20 +16,47 @@ def _count(parameters: int) -> str:
     return f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
 
 
-def write_basic_card(directory: Path, title: str, family, config: dict, plan, provenance: dict,
-                     validation=None) -> Path:
-    """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load."""
+def _source_license(source_dir: Path | None) -> str | None:
+    """The license in the source checkpoint's model card metadata, if it has one."""
+    card = source_dir / "README.md" if source_dir is not None else None
+    if card is None or not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # noqa: BLE001 - a card we cannot parse just has no license to carry over
+        return None
+
+
+def _targets(plan) -> list[str]:
+    """The domains the plan chose experts for (all profiled domains when it did not weight any)."""
+    parameters = plan.strategy.parameters if plan.strategy else {}
+    return list(parameters.get("domains") or {})
+
+
+def write_basic_card(directory: Path, path_hint: str, family, config: dict, plan, provenance: dict,
+                     validation=None, source_dir: Path | None = None) -> Path:
+    """Model card: what was done, experts kept per layer, top-k, compensation, size before/after, how to load,
+    the domains the experts were chosen for and what the other domains lose."""
     kept = plan.kept()
     counts = {layer: len(experts) for layer, experts in kept.items()}
     uniform = len(set(counts.values())) == 1
     out_bytes = provenance["bytes"]
     base = provenance["source_model"]
+    hub_source = "/" in base and not Path(base).exists()
+    license_id = _source_license(source_dir)
     data = ModelCardData(
-        base_model=base if "/" in base and not Path(base).exists() else None,
+        base_model=base if hub_source else None,
+        license=license_id or "other",
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["moe", "expert-pruning", family.name, "moe-compress"],
     )
+    total = sum(family.num_experts(config, layer) for layer in kept)
+    source_name = Path(base).name if not hub_source else base
+    kept_text = (f"{next(iter(counts.values()))} of {family.num_experts(config, next(iter(kept)))} experts per layer"
+                 if uniform else f"{sum(counts.values())} of {total} experts")
+    title = f"{source_name}, pruned to {kept_text}, top-{plan.top_k}"
+    targets = _targets(plan)
     rows = "\n".join(
         f"| {layer} | {counts[layer]} / {family.num_experts(config, layer)} | {', '.join(map(str, experts))} |"
         for layer, experts in sorted(kept.items())
@@ -38,9 +65,14 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
     ships_code = "auto_map" in json.loads((directory / "config.json").read_text())  # written with the runtime files
     loading = [
         "```python",
-        "import compressor  # moe-compress registers its modeling code" if ships_code else "",
+        *(["import compressor  # moe-compress registers its modeling code"] if ships_code else []),
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'model = AutoModelForCausalLM.from_pretrained("{title}")',
+        "",
+        f'path = "{path_hint}"  # this directory, or its Hub repo id',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        'inputs = tokenizer("def fibonacci(n):", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
         "```",
     ]
     if ships_code:
@@ -53,7 +85,8 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
         loading += ["", f"Note: {not_native}."]
     if uniform:
         flag = " --trust-remote-code" if ships_code else ""
-        loading += ["", f"Serve with vLLM: `vllm serve {title}{flag}` (check it first: `moe-compress serve-check {title}`)."]
+        loading += ["", f"Serve with vLLM: `vllm serve {path_hint}{flag}` (check it first: "
+                        f"`moe-compress serve-check {path_hint}`)."]
     else:
         loading += [
             "",
@@ -68,9 +101,9 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
             "",
             f"# {title}",
             "",
-            f"`{base}` with its least-used routed experts removed by [moe-compress](https://pypi.org/project/moe-compress/)"
-            f" {provenance['tool_version']}.",
+            f"`{base}` with its least-used routed experts removed by moe-compress {provenance['tool_version']}.",
             "",
+            *_scope_section(targets, validation),
             f"- routed experts kept: {sum(counts.values())} of "
             f"{sum(family.num_experts(config, layer) for layer in kept)} over {len(kept)} MoE layers"
             f" ({'uniform' if uniform else 'per-layer counts'})",
@@ -100,6 +133,22 @@ def write_basic_card(directory: Path, title: str, family, config: dict, plan, pr
     path = directory / "README.md"
     card.save(path)
     return path
+
+
+def _scope_section(targets: list[str], report) -> list[str]:
+    """Which domains the experts were chosen for, and a warning with the measured loss elsewhere."""
+    if not targets:
+        return ["The experts were chosen on all profiled domains together.", ""]
+    lines = [f"The experts were chosen for: **{', '.join(targets)}**. Text of other kinds loses more.", ""]
+    if report is None:
+        return lines + ["> **Warning:** other domains were not measured; validate on the text you will run it on.", ""]
+    off = {name: d.perplexity_increase for name, d in report.domains.items() if name not in targets}
+    if off:
+        measured = ", ".join(f"{name} {100 * change:+.1f}%" for name, change in off.items())
+        lines += [f"> **Warning:** measured perplexity change outside the target domains: {measured}.", ""]
+    else:
+        lines += ["> **Warning:** only the target domains were validated; other text was not measured.", ""]
+    return lines
 
 
 def _validation_section(report) -> list[str]:

@@ -29,7 +29,7 @@ from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
 from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
-from compressor.profiling.runner import load_tokenizer, resolve_device, resolve_dtype
+from compressor.runtime import load_tokenizer, resolve_device, resolve_dtype
 
 
 class FittedTensors:

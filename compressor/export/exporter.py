@@ -6,7 +6,6 @@ import datetime
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +65,7 @@ class ExportResult:
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    """'5GB', '500MB', '1.5GiB' or a byte count -> bytes (at least 1 byte, at most 1 PiB)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     cleaned = text.strip().upper().replace(" ", "")
@@ -76,8 +75,8 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise UserError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
-    if unit not in units or value <= 0:
-        raise UserError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a number of bytes")
+    if unit not in units or not math.isfinite(value) or not 1 <= value * units[unit] <= 2**50:
+        raise UserError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a number of bytes (1 byte to 1 PiB)")
     return int(value * units[unit])
 
 
@@ -88,7 +87,7 @@ def check_output_location(source: Path, output: Path, overwrite: bool) -> None:
         raise UserError(f"output {output} is the source checkpoint or inside it; choose another directory")
     if resolved in source.parents:
         raise UserError(f"output {output} contains the source checkpoint; choose another directory")
-    check_writable_target(output, overwrite)
+    check_writable_target(output, overwrite, directory=True)
 
 
 def export_checkpoint(model: str, plan, output: Path, options: ExportOptions | None = None) -> ExportResult:
@@ -113,13 +112,15 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     reader = CheckpointReader(source_dir)
     config = reader.config
     family = detect_family(config)
-    family.validate_checkpoint(config, reader.names())
+    family.validate_checkpoint(config, reader)
     check_plan_matches(plan, config, family)
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k)
     new_config.update(family.compensation_config(config, compensation))
     if compensation in FITTED_COMPENSATIONS and not options.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
+    check_gates_can_run(options)
+    plan = plan.model_copy(update={"compensation": compensation})  # the output's plan says what was done
     if options.distill_e2e_steps and compensation != "distill":
         raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
     mapping = TensorMapping(family, kept)
@@ -127,20 +128,20 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     parameters = sum(math.prod(o.spec.shape) for o in outputs)
     if options.distill_e2e_steps:
         from compressor.export.compensation import check_end_to_end_memory
-        from compressor.profiling.runner import resolve_device, resolve_dtype
+        from compressor.runtime import resolve_device, resolve_dtype
 
         check_end_to_end_memory(reader.total_parameters, parameters, resolve_device(options.device),
                                 resolve_dtype(options.dtype))
 
-    with atomic_directory(output, options.overwrite) as staging, \
-            tempfile.TemporaryDirectory(prefix=".moe-compress-fit-", dir=output.parent) as scratch:
+    with atomic_directory(output, options.overwrite) as staging:
         fitted, fit_report = {}, {}
         if compensation in FITTED_COMPENSATIONS:
             from compressor.export.compensation import fit_compensation
 
-            fitted, fit_report = fit_compensation(
-                reader, family, config, new_config, mapping, compensation, options, Path(scratch)
-            )
+            scratch = staging / ".fit-scratch"  # inside the staging folder: it goes wherever the staging goes
+            scratch.mkdir()
+            fitted, fit_report = fit_compensation(reader, family, config, new_config, mapping, compensation,
+                                                  options, scratch)
         total = sum(o.spec.nbytes for o in outputs)
         writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
                                        metadata={"format": "pt"}, index=None)
@@ -187,12 +188,31 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             "source_parameters": reader.total_parameters,
         }
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        report = _validate_output(model, source_dir, staging, options) if options.validate else None
+        if compensation in FITTED_COMPENSATIONS:
+            shutil.rmtree(staging / ".fit-scratch")
+        report = _validate_output(model, source_dir, staging, options, output) if options.validate else None
         from compressor.export.card import write_basic_card
 
-        write_basic_card(staging, output.name, family, config, plan, provenance, report)
+        write_basic_card(staging, str(output), family, config, plan, provenance, report, source_dir)
     reader.close()
     return ExportResult(output, compensation, len(outputs), total, fit_report, report)
+
+
+def check_gates_can_run(options: ExportOptions) -> None:
+    """A validation gate that was asked for must run: refuse (before any work) gates without held-out data."""
+    gated = options.max_ppl_increase is not None or options.min_cosine is not None
+    if not gated:
+        return
+    from compressor.validation.runner import check_cosine_gate, check_ppl_gate
+
+    check_ppl_gate(options.max_ppl_increase)
+    check_cosine_gate(options.min_cosine)
+    if not options.validate:
+        raise UserError("validation gates (--max-ppl-increase / --min-cosine) were given with --no-validate; "
+                        "drop one or the other")
+    if not validation_sources(options):
+        raise UserError("validation gates were given but there is no held-out data to check them on: pass "
+                        "--validate-on NAME=SOURCE (only demo: calibration sources have a held-out split)")
 
 
 def validation_sources(options: ExportOptions) -> dict[str, str]:
@@ -213,15 +233,15 @@ def validate_export(model: str, output: Path, options: ExportOptions):
     from compressor.planning import Plan
 
     source_dir, _ = resolve_model(model, options.revision)
-    report = _validate_output(model, source_dir, output, options)
+    report = _validate_output(model, source_dir, output, options, output)
     if report is not None:
         config = CheckpointReader(source_dir).config
-        write_basic_card(output, output.name, detect_family(config), config, Plan.load(output / PLAN_FILE),
-                         json.loads((output / PROVENANCE_FILE).read_text()), report)
+        write_basic_card(output, str(output), detect_family(config), config, Plan.load(output / PLAN_FILE),
+                         json.loads((output / PROVENANCE_FILE).read_text()), report, source_dir)
     return report
 
 
-def _validate_output(model: str, source_dir: Path, directory: Path, options: ExportOptions):
+def _validate_output(model: str, source_dir: Path, directory: Path, options: ExportOptions, output: Path):
     from compressor.validation.runner import ValidateOptions, validate_models
 
     sources = validation_sources(options)
@@ -236,7 +256,7 @@ def _validate_output(model: str, source_dir: Path, directory: Path, options: Exp
     )
     report = report.model_copy(update={
         "original": report.original.model_copy(update={"source": model}),
-        "compressed": report.compressed.model_copy(update={"source": "."}),
+        "compressed": report.compressed.model_copy(update={"source": str(output)}),
     })
     report.save(directory / "validation.json")
     from compressor.validation.plots import write_validation_plots

@@ -193,9 +193,35 @@ class FamilyAdapter(ABC):
                 names.update(self.expert_tensor_names(config, layer, expert))
         return names
 
-    def validate_checkpoint(self, config: Mapping, names: Iterable[str]) -> None:
-        """UserError when checkpoint tensor `names` do not match `config` (missing or surplus experts)."""
-        names = set(names)
+    def check_config(self, config: Mapping) -> None:
+        """UserError (naming the key) when config.json's values cannot describe a model of this family: wrong
+        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses."""
+        layers = config_int(config, "num_hidden_layers", minimum=1)
+        config_int(config, "hidden_size", minimum=1)
+        config_int(config, "vocab_size", minimum=1)
+        top_k = config_int(config, self.top_k_key, minimum=1)
+        try:
+            moe = [layer for layer in range(layers) if self.is_moe_layer(config, layer)]
+            counts = {layer: self.num_experts(config, layer) for layer in moe}
+        except (TypeError, ValueError) as error:
+            raise UserError(f"config.json ({self.name}) has a value of the wrong type: {error}") from None
+        for layer, count in counts.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise UserError(f"config.json ({self.name}): layer {layer} would have {count!r} routed experts")
+            if top_k > count:
+                raise UserError(f"config.json ({self.name}): {self.top_k_key}={top_k} exceeds the {count} routed "
+                                f"experts of layer {layer}")
+        try:
+            self.build_config(config)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            raise UserError(f"config.json ({self.name}) is not valid: {' '.join(str(error).split())}") from None
+
+    def validate_checkpoint(self, config: Mapping, reader) -> None:
+        """UserError when the checkpoint's config or tensors (`reader`: names and header shapes) do not make a
+        model of this family: bad config values, missing or surplus experts, a router whose shape disagrees with
+        the expert count, experts of one layer with different shapes."""
+        self.check_config(config)
+        names = set(reader.names())
         missing = sorted(self.expected_tensor_names(config) - names)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -206,10 +232,23 @@ class FamilyAdapter(ABC):
                 f"checkpoint does not match its config.json ({self.name}): missing {', '.join(missing[:3])}{more}{hint}"
             )
         moe = set(self.moe_layers(config))
+        hidden = int(config["hidden_size"])
         for name in sorted(names):
             role = self.classify(name)
             if role.kind == "expert" and (role.layer not in moe or role.expert >= self.num_experts(config, role.layer)):
                 raise UserError(f"checkpoint holds {name}, which its config.json ({self.name}) has no expert for")
+        for layer in sorted(moe):
+            count = self.num_experts(config, layer)
+            for name in self.router_tensor_names(config, layer):
+                shape = tuple(reader.info(name).shape)
+                if not shape or shape[0] != count or (name.endswith(".weight") and shape[1:] != (hidden,)):
+                    raise UserError(f"{name} has shape {list(shape)}, but config.json ({self.name}) gives layer "
+                                    f"{layer} {count} routed experts of hidden size {hidden}")
+            for suffix in self.expert_suffixes:
+                shapes = {tuple(reader.info(self.expert_tensor_name(layer, e, suffix)).shape) for e in range(count)}
+                if len(shapes) > 1:
+                    raise UserError(f"layer {layer}: the routed experts' {suffix} tensors differ in shape "
+                                    f"({', '.join(str(list(s)) for s in sorted(shapes))})")
 
     # -- pruning ----------------------------------------------------------------------------------
 
@@ -342,6 +381,18 @@ class FamilyAdapter(ABC):
 
     def __repr__(self) -> str:
         return f"<family {self.name} (model_type {', '.join(self.model_types)})>"
+
+
+def config_int(config: Mapping, key: str, *, default=None, minimum: int = 0) -> int:
+    """An integer of config.json (`default` when absent or null); UserError naming the key otherwise."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise UserError(f"config.json lacks {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"config.json: {key} must be an integer of at least {minimum}, not {value!r}")
+    return value
 
 
 def format_ranges(layers: Iterable[int]) -> str:

@@ -23,5 +23,6 @@ def load_json_model(cls: type[BaseModel], path: str | Path, what: str):
         raise UserError(f"{path} is not a valid {what}: {where}: {first['msg']}") from None
 
 
-def save_json_model(model: BaseModel, path: str | Path, **dump) -> None:
-    write_text_atomic(Path(path), model.model_dump_json(indent=1, **dump) + "\n")
+def save_json_model(model: BaseModel, path: str | Path, overwrite: bool = True, **dump) -> None:
+    """Write atomically; with `overwrite=False` a file that appeared meanwhile is not replaced (UserError)."""
+    write_text_atomic(Path(path), model.model_dump_json(indent=1, **dump) + "\n", overwrite=overwrite)

@@ -26,8 +26,11 @@ def resolve_model(source: str, revision: str | None = None) -> tuple[Path, str |
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from compressor.io.hub_access import offline_unless_reachable
+
     try:
-        local = snapshot_download(source, revision=revision, allow_patterns=_CHECKPOINT_FILES)
+        with offline_unless_reachable():
+            local = snapshot_download(source, revision=revision, allow_patterns=_CHECKPOINT_FILES)
     except LocalEntryNotFoundError:
         raise UserError(
             f"model {source!r} is not in the local Hugging Face cache and the Hub cannot be reached"

@@ -59,7 +59,7 @@ def make(profile_path, output, strategy, keep, keep_fraction, coverage, min_keep
     )
     profile = Profile.load(profile_path)
     result = make_plan(profile, options)
-    result.save(output)
+    result.save(output, overwrite)
     click.echo(f"wrote {output}")
     click.echo(format_plan_table(result))
 

@@ -22,7 +22,7 @@ NON_UNIFORM_WARNING = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LayerPlan(_Strict):
@@ -81,10 +81,10 @@ class Plan(_Strict):
 
     # -- files ------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
         from compressor.io.atomic import write_text_atomic
 
-        write_text_atomic(Path(path), self.model_dump_json(indent=1, exclude_none=True) + "\n")
+        write_text_atomic(Path(path), self.model_dump_json(indent=1, exclude_none=True) + "\n", overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -89,7 +89,7 @@ def make_plan(profile: Profile, options: PlanOptions) -> Plan:
     """A plan for `profile`'s model, chosen from its routing statistics as `options` say."""
     from compressor import __version__
 
-    _check_options(options)
+    check_plan_options(options)
     layers = [int(layer) for layer in profile.model.moe_layers]
     if not layers:
         raise UserError(f"the profile of {profile.model.source} has no MoE layers")
@@ -162,7 +162,11 @@ def expert_scores(profile: Profile, criterion: str, domains: dict[str, float]) -
             values = _criterion_values(stats, statistic)
             mass = sum(values)
             if mass <= 0:
-                continue
+                raise UserError(
+                    f"domain {name} of the profile has no routing data in MoE layer {layer} (its {statistic} "
+                    f"values sum to 0{', over 0 tokens' if not profile.domains[name].tokens else ''}): a plan from "
+                    "it would keep experts by id order; profile the domain on real text or leave it out of --domains"
+                )
             w = _exact(weight)
             total = [t + w * v / mass for t, v in zip(total, values)]
         scores[int(layer_id)] = total
@@ -330,7 +334,8 @@ def _round_half_up(value: Fraction) -> int:
 # -- checks ----------------------------------------------------------------------------------------
 
 
-def _check_options(options: PlanOptions) -> None:
+def check_plan_options(options: PlanOptions) -> None:
+    """UserError for options that no profile could make work (checked before the profile is read)."""
     if options.strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if options.criterion not in CRITERIA:

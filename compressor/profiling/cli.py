@@ -34,13 +34,13 @@ def profile() -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 def run(model, data, output, max_tokens, seq_len, batch_size, dtype, device, layerwise, text_field, revision, overwrite):
     """Profile MODEL (a local directory or Hub id) on each NAME=SOURCE."""
-    checked_output_path(output, overwrite)
+    checked_output_path(output, overwrite, reads=[model])
     sources = parse_named_sources(data)
     options = ProfileOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                              device=device, layerwise=layerwise, text_field=text_field, revision=revision)
     result = profile_model(model, sources, options)
     if result.settings.world_size == 1 or _rank() == 0:
-        result.save(output)
+        result.save(output, overwrite)
         click.echo(f"wrote {output} ({', '.join(f'{n}: {d.tokens} tokens' for n, d in result.domains.items())})")
 
 
@@ -52,7 +52,7 @@ def merge(inputs, output, overwrite):
     """Merge profiles of the same model (different domains, or one domain measured in parts)."""
     checked_output_path(output, overwrite)
     merged = merge_profiles([Profile.load(path) for path in inputs])
-    merged.save(output)
+    merged.save(output, overwrite)
     click.echo(f"wrote {output} (domains: {', '.join(merged.domains)})")
 
 

@@ -104,6 +104,7 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
         tokens = counts.sum(axis=-1) / k
         ax.plot(layers, 100 * counts.max(axis=-1) / tokens, marker="o", label=domain)
     ax.axhline(100 * k / counts.shape[-1], color="grey", linestyle="--", label="uniform routing")
+    integer_ticks(ax.xaxis)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("most-used expert's share of tokens (%)")
     ax.set_title("Top-expert share per layer")
@@ -115,6 +116,7 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
         _, counts = selection_matrix(profile, domain)
         curve = coverage_curve(counts).mean(axis=0)
         ax.plot(range(1, len(curve) + 1), 100 * curve, label=domain)
+    integer_ticks(ax.xaxis)
     ax.set_xlabel("number of most-used experts kept (per layer)")
     ax.set_ylabel("routing decisions covered (%, mean over layers)")
     ax.set_title("Coverage curves")
@@ -124,8 +126,8 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
     return written
 
 
-def write_profile_report(profile: Profile, directory: Path) -> Path:
-    """Figures plus `summary.md` with the concentration table; returns the summary's path."""
+def write_profile_report(profile: Profile, directory: Path) -> tuple[Path, list[Path]]:
+    """Figures plus `summary.md` with the concentration table; returns the summary's path and the figures."""
     figures = write_profile_figures(profile, directory)
     lines = [
         f"# Routing profile of {profile.model.source}",
@@ -143,7 +145,14 @@ def write_profile_report(profile: Profile, directory: Path) -> Path:
     lines += [f"![{path.stem}]({path.name})" for path in figures]
     summary = directory / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
-    return summary
+    return summary, figures
+
+
+def integer_ticks(axis) -> None:
+    """Whole-number ticks only (layer indices, expert counts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(fig, path: Path) -> Path:

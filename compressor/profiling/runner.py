@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from compressor.io.resolve import resolve_model
 from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
 from compressor.profiling.collector import RoutingCollector
 from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from compressor.runtime import Distributed, load_tokenizer, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -38,57 +35,6 @@ class ProfileOptions:
     progress: bool = True
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UserError(f"--device must be cpu, cuda or auto, not {device!r}")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    return DTYPES[dtype]
-
-
-def load_tokenizer(model_dir: Path):
-    """The model's tokenizer, or None when the checkpoint has no tokenizer files."""
-    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-class _Distributed:
-    """Rank/world of a torch.distributed run (torchrun / accelerate launch), or a single process."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = device
-        if self.world > 1 and device.type == "cuda" and device.index is None:
-            # one GPU per rank (torchrun sets LOCAL_RANK), not every rank on the current device
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            # the backend must match where the accumulators live (--device cpu on a GPU machine: gloo)
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
-
-    def mine(self, index: int) -> bool:
-        return index % self.world == self.rank
-
-    def all_reduce(self, tensors: list[torch.Tensor]) -> None:
-        if self.world > 1:
-            for tensor in tensors:
-                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-
 def profile_model(model: str, sources: dict[str, str], options: ProfileOptions | None = None) -> Profile:
     """Profile `model` (local dir or Hub id) on named SOURCEs; returns the Profile (not written)."""
     options = options or ProfileOptions()
@@ -99,7 +45,7 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     reader = CheckpointReader(model_dir)
     config = reader.config
     family = detect_family(config)
-    family.validate_checkpoint(config, reader.names())
+    family.validate_checkpoint(config, reader)
     max_positions = config.get("max_position_embeddings")
     if max_positions and options.seq_len > max_positions:
         raise UserError(f"--seq-len {options.seq_len} exceeds the model's context ({max_positions} positions)")
@@ -117,7 +63,7 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
             raise UserError(f"domain {name!r} has token id {too_big}, outside the model's vocabulary of {vocab}")
         domain_sequences[name] = sequences
 
-    dist = _Distributed(device)
+    dist = Distributed(device)
     device = dist.device
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
     run = _run_layerwise if options.layerwise else _run_whole_model
@@ -140,7 +86,12 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     return Profile(tool_version=__version__, model=identity, settings=settings, domains=domains)
 
 
-def _domain_profile(collector: RoutingCollector, tokens: int, sequences: int, source: LoadedSource) -> DomainProfile:
+def _domain_profile(name: str, collector: RoutingCollector, tokens: int, sequences: int,
+                    source: LoadedSource) -> DomainProfile:
+    for layer, accumulator in collector.layers.items():
+        if not all(bool(torch.isfinite(t).all()) for t in accumulator.tensors()):
+            raise UserError(f"domain {name!r}, MoE layer {layer}: the routing statistics are not finite numbers "
+                            "(NaN or infinite weights or activations?); no profile was written")
     return DomainProfile(
         tokens=tokens, sequences=sequences, source=SourceDescription(**source.description()),
         layers=collector.statistics(),
@@ -181,7 +132,7 @@ def _run_whole_model(model_dir, reader, family, config, domain_sequences, loaded
                 bar.update(batch.tokens)
         collector.detach()
         tokens = _reduce_domain(collector, tokens, dist)
-        domains[name] = _domain_profile(collector, tokens, len(sequences), loaded[name])
+        domains[name] = _domain_profile(name, collector, tokens, len(sequences), loaded[name])
     return domains
 
 
@@ -227,5 +178,5 @@ def _run_layerwise(model_dir, reader, family, config, domain_sequences, loaded, 
     for name, sequences in domain_sequences.items():
         tokens = sum(batch.tokens for domain, batch in work if domain == name)
         tokens = _reduce_domain(collectors[name], tokens, dist)
-        domains[name] = _domain_profile(collectors[name], tokens, len(sequences), loaded[name])
+        domains[name] = _domain_profile(name, collectors[name], tokens, len(sequences), loaded[name])
     return domains

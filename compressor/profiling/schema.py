@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 
 from compressor.io.json_files import load_json_model, save_json_model
 
@@ -16,7 +16,7 @@ STATISTICS = ("selected", "top1", "gate_mass", "reap")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelIdentity(_Strict):
@@ -26,9 +26,9 @@ class ModelIdentity(_Strict):
     revision: str | None = None
     family: str
     config_hash: str = Field(description="sha256 of the canonical JSON of the architecture keys of config.json")
-    moe_layers: list[int]
-    experts_per_layer: dict[str, int]
-    top_k: int
+    moe_layers: list[NonNegativeInt]
+    experts_per_layer: dict[str, PositiveInt]
+    top_k: PositiveInt
 
 
 class SourceDescription(_Strict):
@@ -41,17 +41,17 @@ class SourceDescription(_Strict):
 class LayerStatistics(_Strict):
     """Per routed expert (index = expert id); only `selected` is required (e.g. imported counts)."""
 
-    selected: list[int]
-    top1: list[int] | None = None
-    gate_mass: list[float] | None = None
-    reap: list[float] | None = None
+    selected: list[NonNegativeInt]
+    top1: list[NonNegativeInt] | None = None
+    gate_mass: list[NonNegativeFloat] | None = None
+    reap: list[NonNegativeFloat] | None = None
     top1_routed_cosine_sum: float | None = Field(
         None, description="sum over tokens of cos(top-1 expert's weighted output, full routed output)"
     )
     top1_layer_cosine_sum: float | None = Field(
         None, description="sum over tokens of cos(layer output with top-1 routing, layer output with top-k routing)"
     )
-    cosine_tokens: int | None = None
+    cosine_tokens: NonNegativeInt | None = None
 
     @model_validator(mode="after")
     def _same_lengths(self):
@@ -67,8 +67,8 @@ class LayerStatistics(_Strict):
 
 
 class DomainProfile(_Strict):
-    tokens: int
-    sequences: int | None = None
+    tokens: NonNegativeInt
+    sequences: NonNegativeInt | None = None
     source: SourceDescription
     layers: dict[str, LayerStatistics]
 
@@ -98,8 +98,8 @@ class Profile(_Strict):
     def content_hash(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
-    def save(self, path: str | Path) -> None:
-        save_json_model(self, path, exclude_none=True)
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        save_json_model(self, path, overwrite, exclude_none=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":

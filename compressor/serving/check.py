@@ -70,7 +70,7 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
                 "uniform plan (moe-compress plan --strategy uniform) or load this output with moe-compress's "
                 "modeling code (import compressor, or trust_remote_code=True) instead of vLLM"
             )
-        family.validate_checkpoint(config, reader.names())
+        family.validate_checkpoint(config, reader)
         moe = family.moe_layers(config)
         counts = sorted({family.num_experts(config, layer) for layer in moe})
     router = family.router(config)

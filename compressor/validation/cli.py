@@ -9,6 +9,7 @@ import click
 
 from compressor.cli_support import checked_output_path
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
+from compressor.io.atomic import atomic_directory
 from compressor.validation.plots import write_validation_plots
 from compressor.validation.runner import ValidateOptions, parse_ppl_gate, validate_models
 
@@ -50,13 +51,16 @@ def summary_table(report) -> str:
 def validate(original, compressed, data, output, max_tokens, seq_len, batch_size, max_ppl_increase, min_cosine,
              layerwise, dtype, device, text_field, overwrite):
     """Compare COMPRESSED with ORIGINAL; exit 0 when every threshold holds, 1 otherwise."""
-    checked_output_path(output, overwrite)
+    plots_dir = output.parent / f"{output.stem}-plots"
+    checked_output_path(output, overwrite, reads=[original, compressed])
+    checked_output_path(plots_dir, overwrite, directory=True, reads=[original, compressed])
     options = ValidateOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                               device=device, layerwise=layerwise, text_field=text_field,
                               max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine)
     report = validate_models(original, compressed, parse_named_sources(data), options)
-    report.save(output)
-    plots = write_validation_plots(report, output.parent / f"{output.stem}-plots")
+    with atomic_directory(plots_dir, overwrite) as staging:
+        plots = [plots_dir / p.name for p in write_validation_plots(report, staging)]
+    report.save(output, overwrite)
     click.echo(summary_table(report))
     click.echo(f"wrote {output} and {', '.join(p.name for p in plots)} in {plots[0].parent}")
     if not report.passed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.profiling.report import save_figure
+from compressor.profiling.report import integer_ticks, save_figure
 from compressor.validation.schema import ValidationReport
 
 
@@ -38,6 +38,7 @@ def write_validation_plots(report: ValidationReport, directory: Path) -> list[Pa
     ax.plot([int(x) for x in layers], [report.layers[x].cosine_p5 for x in layers], marker="v", label="5th percentile")
     if report.thresholds.min_cosine is not None:
         ax.axhline(report.thresholds.min_cosine, color="red", linestyle="--", label="threshold")
+    integer_ticks(ax.xaxis)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("cosine similarity of hidden states")
     ax.set_title("Residual stream after each layer: original vs compressed")

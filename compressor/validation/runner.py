@@ -25,7 +25,7 @@ from compressor.families import detect_family
 from compressor.io import CheckpointReader
 from compressor.io.resolve import resolve_model
 from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
-from compressor.profiling.runner import load_tokenizer, resolve_device, resolve_dtype
+from compressor.runtime import load_tokenizer, resolve_device, resolve_dtype
 from compressor.profiling.schema import config_hash
 from compressor.validation.schema import (
     DomainResult, LayerResult, ModelRef, Thresholds, Throughput, ValidationReport,
@@ -67,9 +67,14 @@ class _DomainAccumulator:
 
     def result(self, source: dict) -> DomainResult:
         n = max(self.tokens, 1)
-        po, pc = math.exp(self.nll_original / n), math.exp(self.nll_compressed / n)
+        po, pc = _exp(self.nll_original / n), _exp(self.nll_compressed / n)
         return DomainResult(tokens=self.tokens, source=source, perplexity_original=po, perplexity_compressed=pc,
                             perplexity_increase=pc / po - 1, kl_mean=self.kl / n, top1_agreement=self.agree / n)
+
+
+def _exp(x: float) -> float:
+    """exp that gives inf instead of raising OverflowError (and nan for nan)."""
+    return math.exp(x) if x < 709 or math.isnan(x) else math.inf
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -115,16 +120,41 @@ def ppl_limits(gate: float | dict[str, float] | None, domains) -> dict[str, floa
 
 
 def parse_ppl_gate(text: str | None) -> float | dict[str, float] | None:
-    """'0.05' (every domain) or 'code=0.05,math=0.05,english=0.5' (only those domains)."""
+    """'0.05' (every domain) or 'code=0.05,math=0.05,english=0.5' (only those domains); limits must be finite."""
     if text is None:
         return None
+    usage = f"--max-ppl-increase {text!r}: give a number (0.05) or NAME=NUMBER,... (code=0.05,english=0.5)"
     try:
         if "=" not in text:
-            return float(text)
-        return {name.strip(): float(value) for name, value in (part.split("=", 1) for part in text.split(","))}
+            return check_ppl_gate(float(text))
+        gate = {}
+        for name, value in (part.split("=", 1) for part in text.split(",")):
+            if not name.strip() or name.strip() in gate:
+                raise ValueError
+            gate[name.strip()] = float(value)
     except ValueError:
-        raise UserError(f"--max-ppl-increase {text!r}: give a number (0.05) or NAME=NUMBER,... "
-                        "(code=0.05,english=0.5)") from None
+        raise UserError(usage) from None
+    return check_ppl_gate(gate)
+
+
+def check_ppl_gate(gate):
+    """A perplexity gate as given (None, a number or {domain: number}): every limit finite and > -1."""
+    if gate is None:
+        return None
+    for name, limit in (gate.items() if isinstance(gate, dict) else [("", gate)]):
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not math.isfinite(limit) or limit <= -1:
+            where = f" for {name}" if name else ""
+            raise UserError(f"perplexity-increase limit{where} must be a finite number above -1 (e.g. 0.05 for "
+                            f"+5%), not {limit!r}")
+    return gate
+
+
+def check_cosine_gate(limit: float | None) -> float | None:
+    """A hidden-state cosine gate: a finite number in [-1, 1], or None."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or not -1 <= limit <= 1):
+        raise UserError(f"--min-cosine must be a number between -1 and 1, not {limit!r}")
+    return limit
 
 
 def validate_models(original: str, compressed: str, sources: dict[str, str],
@@ -134,6 +164,8 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
     loaded = {name: load_source(spec, default_split=options.default_split, text_field=options.text_field)
               for name, spec in sources.items()}
+    check_ppl_gate(options.max_ppl_increase)
+    check_cosine_gate(options.min_cosine)
     ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
@@ -169,14 +201,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
         layers[str(layer)] = LayerResult(cosine_mean=float(values.mean()),
                                          cosine_p5=float(torch.quantile(values, 0.05)))
     domains = {name: acc.result(loaded[name].description()) for name, acc in accumulators.items()}
-    failures = []
-    for name, limit in ppl_limits(options.max_ppl_increase, domains).items():
-        if domains[name].perplexity_increase > limit:
-            failures.append(f"{name}: perplexity {100 * domains[name].perplexity_increase:+.1f}% exceeds "
-                            f"+{100 * limit:.1f}%")
-    if options.min_cosine is not None:
-        failures += [f"layer {layer}: hidden-state cosine {r.cosine_mean:.4f} is below {options.min_cosine}"
-                     for layer, r in layers.items() if r.cosine_mean < options.min_cosine]
+    failures = gate_failures(domains, layers, options.max_ppl_increase, options.min_cosine)
     return ValidationReport(
         tool_version=__version__,
         original=_model_ref(original, readers[0], families[0]),
@@ -188,29 +213,54 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     )
 
 
+def gate_failures(domains: dict[str, DomainResult], layers: dict[str, LayerResult], max_ppl_increase,
+                  min_cosine) -> list[str]:
+    """What fails the gates. A measurement that is not a finite number (NaN weights, overflow) always fails, with
+    or without a gate: a model that computes NaN is broken."""
+    failures = []
+    for name, d in domains.items():
+        if not all(map(math.isfinite, (d.perplexity_original, d.perplexity_compressed, d.kl_mean))):
+            failures.append(f"{name}: perplexity or KL is not a finite number (original {d.perplexity_original}, "
+                            f"compressed {d.perplexity_compressed}, KL {d.kl_mean})")
+    for layer, result in layers.items():
+        if not math.isfinite(result.cosine_mean):
+            failures.append(f"layer {layer}: hidden-state cosine is not a finite number")
+    for name, limit in ppl_limits(max_ppl_increase, domains).items():
+        increase = domains[name].perplexity_increase
+        if math.isfinite(increase) and increase > limit:
+            failures.append(f"{name}: perplexity {100 * increase:+.1f}% exceeds {100 * limit:+.1f}%")
+    if min_cosine is not None:
+        failures += [f"layer {layer}: hidden-state cosine {r.cosine_mean:.4f} is below {min_cosine}"
+                     for layer, r in layers.items() if math.isfinite(r.cosine_mean) and r.cosine_mean < min_cosine]
+    return failures
+
+
 def _run_whole(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
     models = [family.model_class(config).from_pretrained(directory, dtype=dtype).to(device).eval()
               for family, config, directory in zip(families, configs, dirs)]
     total = sum(batch.tokens for _, batch in work)
-    seconds = [0.0, 0.0]
+    seconds, timed = [0.0, 0.0], 0
     with torch.no_grad(), tqdm(total=total, desc="validate", unit="tok", unit_scale=True,
                                disable=not options.progress, dynamic_ncols=True) as bar:
-        for name, batch in work:
+        for index, (name, batch) in enumerate(work):
             ids = batch.input_ids.to(device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-            outputs = []
-            for i, m in enumerate(models):
+            outputs = [None, None]
+            # the first batch warms both models up (untimed); then the model that runs first alternates
+            for i in (0, 1) if index % 2 == 0 else (1, 0):
                 _synchronize(device)
                 start = time.perf_counter()
-                outputs.append(m(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True))
+                outputs[i] = models[i](input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
                 _synchronize(device)
-                seconds[i] += time.perf_counter() - start
+                if index > 0 or len(work) == 1:
+                    seconds[i] += time.perf_counter() - start
+            timed += batch.tokens if index > 0 or len(work) == 1 else 0
             accumulators[name].add(outputs[0].logits, outputs[1].logits, ids, mask)
             valid = batch.valid().to(device)
             for layer, (a, b) in enumerate(zip(outputs[0].hidden_states[1:], outputs[1].hidden_states[1:])):
                 layer_cosines.setdefault(layer, []).append(_cosines(a, b, valid))
             bar.update(batch.tokens)
-    return Throughput(original_tokens_per_second=total / seconds[0], compressed_tokens_per_second=total / seconds[1],
+    return Throughput(original_tokens_per_second=timed / seconds[0], compressed_tokens_per_second=timed / seconds[1],
                       device=str(device), threads=torch.get_num_threads())
 
 

@@ -13,7 +13,8 @@ VALIDATION_FORMAT_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # measurements may be NaN or infinite (a broken model): stored as "NaN" / "Infinity", never as null
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
 
 
 class ModelRef(_Strict):
@@ -66,8 +67,8 @@ class ValidationReport(_Strict):
     passed: bool
     failures: list[str]
 
-    def save(self, path: str | Path) -> None:
-        save_json_model(self, path)
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        save_json_model(self, path, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "ValidationReport":
