@@ -214,6 +214,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     assert (work / "model" / "plots" / "cosine.png").exists()
     page = (work / "report" / "report.html").read_text()
     assert "Routing profile" in page and "Plan: top-1" in page and "Validation: passed" in page
+    assert "## Concentration" in (work / "report" / "summary.md").read_text()
     assert f"report: {work / 'report' / 'report.html'}" in out
     assert re.search(r"^code\s+\d+", out, re.MULTILINE)  # the validation table
 

@@ -516,3 +516,86 @@ def test_report_rejects_unknown_files(tmp_path, capsys):
     bogus.write_text('{"hello": 1}')
     code, _, err = run_cli(["report", bogus, "-o", tmp_path / "r"], capsys)
     assert code == 2 and err.startswith("error: ") and "x.json" in err
+
+
+# -- non-finite numbers never pass ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_model(root, pruned) -> Path:
+    """The pruned output with one NaN in a kept expert of layer 1 (every token routed there turns NaN)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    target = root / "nan-model"
+    shutil.copytree(pruned, target)
+    tensors = load_file(target / "model.safetensors")
+    for e in range(len(KEEP)):
+        tensors[f"model.layers.1.mlp.experts.{e}.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("gate", [[], ["--max-ppl-increase", "10"], ["--min-cosine", "-1"],
+                                  ["--max-ppl-increase", "alpha=10"]])
+def test_nan_model_fails_validation_with_or_without_gates(nan_model, source, data, tmp_path, capsys, gate):
+    output = tmp_path / "v.json"
+    code, out, err = run_cli(validate_argv(source, nan_model, {"alpha": data["alpha"]}, output) + gate, capsys)
+    assert code == 1, (out, err)
+    assert "validation FAILED" in err and "not a finite number" in err and "validation passed" not in out
+    saved = ValidationReport.load(output)  # NaN is stored as "NaN", never as null, and loads back
+    assert not saved.passed and math.isnan(saved.domains["alpha"].perplexity_compressed)
+    stored = json.loads(output.read_text())["domains"]["alpha"]
+    assert stored["perplexity_compressed"] == "NaN" and stored["kl_mean"] == "NaN"
+
+
+def test_nan_fails_both_gates_through_the_api(nan_model, source, data):
+    report = validate_models(str(source), str(nan_model), {"alpha": str(data["alpha"])},
+                             options(max_ppl_increase=0.5, min_cosine=0.5))
+    assert not report.passed
+    assert any(f.startswith("alpha:") and "not a finite number" in f for f in report.failures)
+    assert any(f.startswith("layer ") and "not a finite number" in f for f in report.failures)
+
+
+def test_profile_of_nan_weights_is_refused_and_writes_nothing(nan_model, data, tmp_path, capsys):
+    output = tmp_path / "p.json"
+    code, out, err = run_cli(["profile", nan_model, "-d", f"alpha={data['alpha']}", "-o", output,
+                              "--seq-len", SEQ_LEN, "--device", "cpu"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and "not finite" in err
+    assert not output.exists()
+
+
+# -- the model card -----------------------------------------------------------------------------------------
+
+
+def test_card_names_targets_warns_off_target_and_shows_the_tokenizer(source, data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from compressor.export import export_checkpoint
+    from compressor.export.exporter import ExportOptions
+    from compressor.planning import PlanOptions
+    from compressor.planning import make_plan as plan_from_profile
+    from compressor.profiling import ProfileOptions, profile_model
+
+    import shutil
+
+    licensed = tmp_path / "licensed"
+    shutil.copytree(source, licensed)
+    (licensed / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a model\n")
+    profile = profile_model(str(licensed), {k: str(v) for k, v in data.items()},
+                            ProfileOptions(seq_len=SEQ_LEN, device="cpu", progress=False))
+    plan = plan_from_profile(profile, PlanOptions(keep=4, domains={"alpha": 1}, compensation="none"))
+    out = tmp_path / "model"
+    export_checkpoint(str(licensed), plan, out, ExportOptions(
+        validate=True, validation_data={k: str(v) for k, v in data.items()}, seq_len=SEQ_LEN, device="cpu",
+        progress=False))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0"
+    text = (out / "README.md").read_text()
+    assert "# licensed, pruned to 4 of 8 experts per layer, top-1" in text and "\n# model\n" not in text
+    assert "AutoTokenizer.from_pretrained(path)" in text and f'path = "{out}"' in text
+    assert "chosen for: **alpha**" in text
+    beta = ValidationReport.load(out / "validation.json").domains["beta"].perplexity_increase
+    assert f"beta {100 * beta:+.1f}%" in text.split("**Warning:**", 1)[1].splitlines()[0]
+    assert "pypi.org" not in text
