@@ -26,28 +26,27 @@ def cli() -> None:
 @click.option("--revision", default=None, help="Hub revision of MODEL")
 def inspect(model, revision):
     """Show MODEL's family, MoE layers, experts, routing rule and size (reads headers only)."""
-    from compressor.families import detect_family
-    from compressor.io import CheckpointReader
+    from compressor.families import open_checkpoint
+    from compressor.families.base import format_ranges
     from compressor.io.resolve import resolve_model
 
     directory, _ = resolve_model(model, revision)
-    with CheckpointReader(directory) as reader:
-        config = reader.config
-        family = detect_family(config)
-        family.validate_checkpoint(config, reader)
-        moe_layers = family.moe_layers(config)
-        counts = sorted({family.num_experts(config, layer) for layer in moe_layers})
-        router = family.router(config)
-        click.echo(f"model:       {directory}")
-        click.echo(f"family:      {family.name} (model_type {config.get('model_type')})")
-        click.echo(f"layers:      {family.num_layers(config)}, MoE layers {moe_layers[0]}..{moe_layers[-1]} ({len(moe_layers)})"
-                   if moe_layers else f"layers:      {family.num_layers(config)}, no MoE layers")
-        click.echo(f"experts:     {'/'.join(map(str, counts))} routed per MoE layer, "
-                   f"{family.num_shared_experts(config)} shared")
-        click.echo(f"routing:     {router.scoring}, top-{router.top_k}, {router.topk_method}, "
-                   f"renormalise {'yes' if router.renormalize else 'no'}")
-        click.echo(f"tensors:     {len(reader.names())} in {len(reader.shards())} shard(s), "
-                   f"{reader.total_bytes / 2**30:.2f} GiB")
+    checkpoint = open_checkpoint(directory)
+    config, family, reader, layout = checkpoint.config, checkpoint.family, checkpoint.reader, checkpoint.layout
+    moe_layers = family.moe_layers(config)
+    counts = sorted({family.num_experts(config, layer) for layer in moe_layers})
+    router = family.router(config)
+    shared = "with shared experts" if any(layout.layers[layer].shared for layer in moe_layers) else "no shared experts"
+    stored = "per expert" if all(t.per_expert for layer in layout.layers.values() for t in layer.experts) else "fused"
+    click.echo(f"model:       {directory}")
+    click.echo(f"family:      {family.name} (model_type {config.get('model_type')})")
+    click.echo(f"layers:      {family.num_layers(config)}, MoE layers {format_ranges(moe_layers)} ({len(moe_layers)})")
+    click.echo(f"experts:     {'/'.join(map(str, counts))} routed per MoE layer, {shared}; stored {stored} on disk")
+    click.echo(f"routing:     {router.scoring}, top-{router.top_k}, {router.topk_method}, "
+               f"renormalise {'yes' if router.renormalize else 'no'}")
+    click.echo(f"tensors:     {len(reader.names())} in {len(reader.shards())} shard(s), "
+               f"{reader.total_bytes / 2**30:.2f} GiB")
+    checkpoint.close()
 
 
 @cli.command()

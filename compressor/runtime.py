@@ -1,12 +1,17 @@
-"""What every stage shares to run a model: device and dtype choice, the tokenizer, torch.distributed ranks."""
+"""What every stage shares to run a model: device and dtype choice, the tokenizer, torch.distributed ranks, and the
+one layer-by-layer driver (`run_layer_by_layer`) that profiling, compensation, validation and lens use for models
+that are run one decoder layer at a time."""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from compressor.errors import UserError
 
@@ -69,3 +74,222 @@ class Distributed:
         if self.world > 1:
             for tensor in tensors:
                 torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+# -- running a model one decoder layer at a time -------------------------------------------------------
+
+
+class ActivationStore:
+    """Hidden states of every batch between layers: in RAM up to a budget, then spilled to disk."""
+
+    def __init__(self, budget_bytes: int = 2 * 2**30):
+        self.budget = budget_bytes
+        self.items: list[torch.Tensor | Path | None] = []
+        self.in_memory = 0
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, index: int, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        while len(self.items) <= index:
+            self.items.append(None)
+        old = self.items[index]
+        if isinstance(old, torch.Tensor):
+            self.in_memory -= old.numel() * old.element_size()
+        if self.in_memory + nbytes <= self.budget:
+            self.items[index] = tensor
+            self.in_memory += nbytes
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="moe-compress-activations-")
+        path = Path(self._dir.name) / f"{index}.pt"
+        torch.save(tensor.cpu(), path)
+        self.items[index] = path
+
+    def get(self, index: int, device) -> torch.Tensor:
+        item = self.items[index]
+        return item if isinstance(item, torch.Tensor) else torch.load(item, map_location=device)
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+class CheckpointTensors:
+    """Where a LayerwiseModel's tensors come from: a checkpoint reader (whose layout is `source_layout`), seen as
+    a checkpoint of `layout` — the same one, or e.g. the pruned one through `map_layer(layer, tensors)`."""
+
+    def __init__(self, reader, layout, source_layout=None, map_layer: Callable | None = None):
+        self.reader, self.layout, self.map_layer = reader, layout, map_layer
+        self.source_layout = source_layout or layout
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """All on-disk tensors of decoder layer `layer`, as names of `layout`."""
+        tensors = {name: self.reader.get(name) for name in self.reader.names()
+                   if self.source_layout.layer_of(name) == layer}
+        return tensors if self.map_layer is None else self.map_layer(layer, tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+
+class LayerwiseModel:
+    """A model skeleton on `meta` whose decoder layers are materialised one at a time from `tensors`."""
+
+    def __init__(self, family, config: dict, tensors: CheckpointTensors, device: torch.device, dtype: torch.dtype):
+        self.family, self.config, self.tensors, self.device, self.dtype = family, config, tensors, device, dtype
+        self.layout = tensors.layout
+        self.model = self.layout.model  # built on meta by the layout
+        self.model.eval()
+        self._rotary = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.family.num_layers(self.config)
+
+    def layer(self, layer: int) -> torch.nn.Module:
+        return self.model.get_submodule(self.family.decoder_layer_path(layer))
+
+    def load_layer(self, layer: int) -> torch.nn.Module:
+        """Materialise decoder layer `layer` on the device, in the compute dtype."""
+        module = self.layer(layer)
+        prefix = self.family.decoder_layer_path(layer) + "."
+        state = self.layout.to_model(self.tensors.layer(layer))
+        module.to_empty(device=self.device)
+        module.load_state_dict({name[len(prefix):]: t for name, t in state.items()}, strict=True)
+        return module.to(self.dtype)
+
+    def release_layer(self, layer: int) -> None:
+        self.layer(layer).to("meta")
+
+    def run_layer(self, module: torch.nn.Module, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+        if self._rotary is None:
+            self._rotary = rotary_embedding(self.model, self.family, hidden.device)
+        return run_decoder_layer(self.model, module, hidden, attention_mask, self._rotary)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.tensors.get(self.family.embedding_path + ".weight")
+        return torch.nn.functional.embedding(input_ids.to(self.device), weight.to(device=self.device, dtype=self.dtype))
+
+    def load_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Materialise the final norm and LM head; returns hidden states after the last layer -> logits."""
+        modules = []
+        for path in (self.family.final_norm_path, self.family.lm_head_path):
+            module = self.model.get_submodule(path)
+            module.to_empty(device=self.device)
+            state = {}
+            for key in module.state_dict():
+                name = f"{path}.{key}"
+                if name not in self.tensors.reader and path == self.family.lm_head_path and \
+                        getattr(self.model.config, "tie_word_embeddings", False):
+                    name = self.family.embedding_path + ".weight"
+                state[key] = self.tensors.get(name)
+            module.load_state_dict(state, strict=True)
+            modules.append(module.to(self.dtype))
+        norm, head = modules
+        return lambda hidden: head(norm(hidden))
+
+
+def rotary_embedding(model: torch.nn.Module, family, device) -> torch.nn.Module:
+    """The model's rotary embedding on `device` (rebuilt from the config when the skeleton left it on meta)."""
+    rotary = model.get_submodule(family.rotary_path)
+    if any(buffer.is_meta for buffer in rotary.buffers()):
+        with torch.device(device):
+            rotary = type(rotary)(config=model.config)
+    return rotary.to(device)
+
+
+def _mask_cache_arg() -> str:
+    """transformers renamed create_causal_mask's `past_key_values` argument to `cache`."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def run_decoder_layer(model, decoder_layer, hidden_states: torch.Tensor, attention_mask, rotary) -> torch.Tensor:
+    """Run one decoder layer on `hidden_states` [batch, seq, hidden] with a [batch, seq] padding mask (or None),
+    as the whole model's forward would (causal or sliding-window mask, rotary embedding, no cache)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = model.config
+    batch, seq_len, _ = hidden_states.shape
+    positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
+    layer_types = getattr(config, "layer_types", None)
+    index = getattr(getattr(decoder_layer, "self_attn", None), "layer_idx", None)
+    sliding = (layer_types[index] == "sliding_attention") if layer_types and index is not None \
+        else getattr(config, "sliding_window", None) is not None and not layer_types
+    create = create_sliding_window_causal_mask if sliding else create_causal_mask
+    mask = create(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, position_ids=positions,
+                  **{_mask_cache_arg(): None})
+    output = decoder_layer(hidden_states, attention_mask=mask, position_ids=positions,
+                           position_embeddings=rotary(hidden_states, positions))
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LayerStep:
+    """One decoder layer, materialised in every model of a layer-by-layer run.
+
+    `input(m, b)` is batch b's hidden state entering the layer in model m; `run(m, b)` the layer's output on it
+    (not stored); `set_output(m, b, t)` stores t as what enters the next layer. Outputs not set by the visitor
+    are computed after it."""
+
+    def __init__(self, layer: int, models: list[LayerwiseModel], modules: list[torch.nn.Module], stores, batches):
+        self.layer, self.models, self.modules, self.stores, self.batches = layer, models, modules, stores, batches
+        self._done: set[tuple[int, int]] = set()
+
+    def input(self, model: int, batch: int) -> torch.Tensor:
+        if (model, batch) in self._done:
+            raise RuntimeError(f"batch {batch}'s input to layer {self.layer} was already replaced by its output")
+        return self.stores[model].get(batch, self.models[model].device)
+
+    def mask(self, batch: int):
+        mask = self.batches[batch].attention_mask
+        return None if mask is None else mask.to(self.models[0].device)
+
+    def run(self, model: int, batch: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.models[model].run_layer(self.modules[model], self.input(model, batch), self.mask(batch))
+
+    def set_output(self, model: int, batch: int, output: torch.Tensor) -> None:
+        self.stores[model].put(batch, output)
+        self._done.add((model, batch))
+
+    def finish(self) -> None:
+        for model in range(len(self.models)):
+            for batch in range(len(self.batches)):
+                if (model, batch) not in self._done:
+                    self.set_output(model, batch, self.run(model, batch))
+
+
+def run_layer_by_layer(models: list[LayerwiseModel], batches: list, *, visit: Callable[[LayerStep], None] | None = None,
+                       after: Callable[[LayerStep], None] | None = None, desc: str = "layer by layer",
+                       progress: bool = True, budget_bytes: int = 2 * 2**30) -> list[ActivationStore]:
+    """Run every batch through each model one decoder layer at a time, the models in lockstep (one layer of each
+    in memory). `visit(step)` runs before a layer's outputs are computed (it may observe, fit, or set outputs),
+    `after(step)` once they are stored. Returns each model's hidden states after the last layer (close them)."""
+    stores = [ActivationStore(budget_bytes) for _ in models]
+    try:
+        for model, store in zip(models, stores):
+            for index, batch in enumerate(batches):
+                store.put(index, model.embed(batch.input_ids))
+        with tqdm(total=models[0].num_layers, desc=desc, unit="layer", disable=not progress, dynamic_ncols=True) as bar:
+            for layer in range(models[0].num_layers):
+                step = LayerStep(layer, models, [m.load_layer(layer) for m in models], stores, batches)
+                if visit is not None:
+                    visit(step)
+                step.finish()
+                if after is not None:
+                    after(step)
+                for model in models:
+                    model.release_layer(layer)
+                bar.update(1)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores

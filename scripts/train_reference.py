@@ -155,17 +155,16 @@ def evaluate(model, eval_streams, seq_len, max_tokens, batch_size=8):
     model.eval()
 
     def observer_for(layer_counts):
-        def observe(topk_idx, **_):
-            layer_counts.add_(torch.bincount(topk_idx.reshape(-1), minlength=layer_counts.numel()).double())
+        def observe(_module, _inputs, output):  # the router returns (logits, top-k weights, top-k indices)
+            layer_counts.add_(torch.bincount(output[2].reshape(-1), minlength=layer_counts.numel()).double())
 
         return observe
 
     results = {}
-    moe_layers = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    moe_layers = {index: layer.mlp.gate for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")}
     for name, stream in eval_streams.items():
-        counts = {m.layer_idx: torch.zeros(m.n_routed_experts, dtype=torch.float64) for m in moe_layers}
-        for m in moe_layers:
-            m.observer = observer_for(counts[m.layer_idx])
+        counts = {index: torch.zeros(gate.num_experts, dtype=torch.float64) for index, gate in moe_layers.items()}
+        hooks = [gate.register_forward_hook(observer_for(counts[index])) for index, gate in moe_layers.items()]
         rows = windows(stream, seq_len, max_tokens)
         nll, tokens = 0.0, 0
         for batch in rows.split(batch_size):
@@ -175,8 +174,8 @@ def evaluate(model, eval_streams, seq_len, max_tokens, batch_size=8):
             )
             nll += float(loss)
             tokens += batch[:, 1:].numel()
-        for m in moe_layers:
-            m.observer = None
+        for hook in hooks:
+            hook.remove()
         routed_tokens = rows.numel()
         top_share = {str(layer): float(c.max() / routed_tokens) for layer, c in counts.items()}
         best_layer = max(top_share, key=top_share.get)

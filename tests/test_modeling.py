@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import compressor  # noqa: F401  (registers model_type "deepseek" with the Auto classes)
+import fixtures
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM, write_modeling_files
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,7 +71,6 @@ REAL_16B_CONFIG = {
 # The 16B model.safetensors.index.json holds 5,466 tensor names; sha256 of the sorted names joined by "\n":
 REAL_16B_NAME_COUNT = 5466
 REAL_16B_NAMES_SHA256 = "167994d018e8cfbb24d5a3e585ba6a2596706d252ef6fd0e8a1bd631b1bb0690"
-REAL_16B_DIR = Path("/work/shared/reference/deepseek-moe-16b-base")  # optional: cross-checked when present
 
 SMALL_SIZES = dict(
     hidden_size=64,
@@ -170,12 +170,27 @@ def make_state_dict(cfg, seed=0):
     return sd
 
 
+def fused_state_dict(cfg, sd):
+    """Upstream's per-expert tensors in transformers 5's fused in-memory layout: per MoE layer gate_up_proj
+    [E, 2I, H] (expert e's gate rows, then its up rows) and down_proj [E, H, I]."""
+    fused = {name: t for name, t in sd.items() if ".mlp.experts." not in name}
+    for layer in range(cfg["num_hidden_layers"]):
+        if not is_moe_layer(cfg, layer):
+            continue
+        p = f"model.layers.{layer}.mlp.experts."
+        n = experts_in_layer(cfg, layer)
+        fused[p + "gate_up_proj"] = torch.stack(
+            [torch.cat([sd[f"{p}{e}.gate_proj.weight"], sd[f"{p}{e}.up_proj.weight"]]) for e in range(n)])
+        fused[p + "down_proj"] = torch.stack([sd[f"{p}{e}.down_proj.weight"] for e in range(n)])
+    return fused
+
+
 def build_model(cfg, sd, attn_implementation=None):
     config = DeepseekConfig(**cfg)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = DeepseekForCausalLM(config)
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(fused_state_dict(cfg, sd), strict=True)
     return model.eval()
 
 
@@ -381,7 +396,7 @@ def test_layer_kinds_follow_first_k_dense_replace_and_moe_layer_freq():
     assert kinds == ["dense", "dense", "moe", "dense", "moe"]
     cfg = cfg_with(n_routed_experts_per_layer={"1": 64, "2": 17, "3": 8})
     model = build_model(cfg, make_state_dict(cfg))
-    assert [len(layer.mlp.experts) for layer in model.model.layers[1:]] == [64, 17, 8]
+    assert [layer.mlp.experts.num_experts for layer in model.model.layers[1:]] == [64, 17, 8]
     assert tuple(model.model.layers[2].mlp.gate.weight.shape) == (17, 64)
 
 
@@ -409,8 +424,8 @@ def test_forced_top1_from_pretrained_matches_reference(saved_dirs, base_sd, norm
 def test_top1_norm_topk_prob_gives_routed_weight_exactly_one(saved_dirs, base_sd):
     seen = []
 
-    def observer(**kw):
-        seen.append((kw["topk_idx"].clone(), kw["topk_weight"].clone()))
+    def on_routing(_module, _inputs, output):  # the router returns (logits, top-k weights, top-k indices)
+        seen.append((output[2].clone(), output[1].clone()))
 
     ids = random_ids((2, SEQ))
     logits = {}
@@ -418,7 +433,7 @@ def test_top1_norm_topk_prob_gives_routed_weight_exactly_one(saved_dirs, base_sd
         model = AutoModelForCausalLM.from_pretrained(saved_dirs[norm], num_experts_per_tok=1, dtype=torch.float32)
         for layer in model.model.layers:
             if hasattr(layer.mlp, "experts"):
-                layer.mlp.observer = observer
+                layer.mlp.gate.register_forward_hook(on_routing)
         seen.clear()
         logits[norm] = logits_of(model.eval(), ids)
         assert len(seen) == 3
@@ -448,10 +463,8 @@ def test_upstream_name_pattern_is_the_16b_weight_map():
     names = upstream_weight_names(REAL_16B_CONFIG)
     assert len(names) == len(set(names)) == REAL_16B_NAME_COUNT
     assert hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest() == REAL_16B_NAMES_SHA256
-    index = REAL_16B_DIR / "model.safetensors.index.json"
-    if index.exists():  # the published index itself, where this machine has a copy
-        assert set(json.loads(index.read_text())["weight_map"]) == set(names)
-        assert json.loads((REAL_16B_DIR / "config.json").read_text()) == REAL_16B_CONFIG
+    assert set(fixtures.deepseek_moe_16b_weight_map()) == set(names)  # the published index itself
+    assert fixtures.deepseek_moe_16b_config() == REAL_16B_CONFIG
 
 
 def write_upstream_checkpoint(directory, cfg, sd):
@@ -524,8 +537,9 @@ def test_upstream_checkpoint_loads_our_class_without_remote_code(upstream_checkp
     assert not [m for m in set(sys.modules) - modules_before if m.startswith("transformers_modules")]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     state = model.state_dict()
-    assert set(state) == set(bf16_sd)
-    for name, tensor in bf16_sd.items():
+    fused = fused_state_dict(cfg, bf16_sd)
+    assert set(state) == set(fused)
+    for name, tensor in fused.items():
         assert torch.equal(state[name], tensor.float()), name
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)  # untied
     assert model.config.num_experts_per_tok == 6 and model.config.norm_topk_prob is False
@@ -591,7 +605,7 @@ def test_save_load_round_trip(tmp_path, overrides):
     assert type(loaded) is DeepseekForCausalLM
     assert loaded.config.n_routed_experts_per_layer == cfg.get("n_routed_experts_per_layer")
     a, b = model.state_dict(), loaded.state_dict()
-    assert set(a) == set(b) == set(sd)
+    assert set(a) == set(b) == set(fused_state_dict(cfg, sd))
     for name in a:
         assert torch.equal(a[name], b[name]), name
     ids = random_ids((2, SEQ))
@@ -748,7 +762,8 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
         logits = model(input_ids=data["input_ids"], use_cache=False).logits
         generated = model.generate(data["input_ids"][:1, :4], max_new_tokens=4, do_sample=False, use_cache=True)
     torch.save({"logits": logits, "generated": generated, "module": module,
-                "experts": [len(getattr(l.mlp, "experts", [])) for l in model.model.layers]}, result)
+                "experts": [getattr(getattr(l.mlp, "experts", None), "num_experts", 0) for l in model.model.layers]},
+               result)
     """
 )
 

@@ -108,8 +108,10 @@ def swiglu(x, prefix, sd):
 def reference_statistics(model_dir: Path, sequences: list[list[int]], min_margin: float = 1e-6,
                          renormalize: bool = False) -> dict:
     """{layer: {selected, top1, gate_mass, reap, top1_routed_cosine_sum, top1_layer_cosine_sum, cosine_tokens}}."""
+    from safetensors.torch import load_file
+
     model = DeepseekForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sd = {k: v.float() for k, v in model.state_dict().items()}
+    sd = {k: v.float() for k, v in load_file(model_dir / "model.safetensors").items()}  # upstream names, on disk
     stats = {
         layer: {**{key: torch.zeros(N_EXPERTS, dtype=torch.float64) for key in COUNT_KEYS + FLOAT_KEYS},
                 "routed_cos": 0.0, "layer_cos": 0.0, "tokens": 0}
@@ -122,7 +124,8 @@ def reference_statistics(model_dir: Path, sequences: list[list[int]], min_margin
         handles.append(decoder.register_forward_pre_hook(
             lambda m, args, layer=layer: captured.__setitem__((layer, "in"), args[0].detach().clone())))
         handles.append(decoder.self_attn.register_forward_hook(
-            lambda m, args, out, layer=layer: captured.__setitem__((layer, "attn"), out.detach().clone())))
+            lambda m, args, out, layer=layer: captured.__setitem__(
+                (layer, "attn"), (out[0] if isinstance(out, tuple) else out).detach().clone())))
         handles.append(decoder.mlp.register_forward_pre_hook(
             lambda m, args, layer=layer: captured.__setitem__((layer, "moe_in"), args[0].detach().clone())))
         handles.append(decoder.register_forward_hook(

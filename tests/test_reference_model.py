@@ -92,18 +92,17 @@ def test_routing_is_specialised_per_domain(model, tokenizer):
         rows = _eval_tokens(tokenizer, name)[: 8 * SEQ_LEN].view(8, SEQ_LEN)
         counts = {}
 
-        def observe(topk_idx, _counts=counts, **kwargs):
-            _counts.setdefault(len(_counts), torch.bincount(topk_idx.reshape(-1), minlength=64))
+        def observe(_module, _inputs, output, _counts=counts):  # the router returns (logits, weights, indices)
+            _counts.setdefault(len(_counts), torch.bincount(output[2].reshape(-1), minlength=64))
 
-        moe_blocks = [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-        for block in moe_blocks:
-            block.observer = observe
+        hooks = [layer.mlp.gate.register_forward_hook(observe) for layer in model.model.layers
+                 if hasattr(layer.mlp, "gate")]
         try:
             with torch.no_grad():
                 model(input_ids=rows, use_cache=False)
         finally:
-            for block in moe_blocks:
-                block.observer = None
+            for hook in hooks:
+                hook.remove()
         for layer_counts in counts.values():
             assert int(layer_counts.sum()) == rows.numel() * 6
             best = max(best, float(layer_counts.max()) / rows.numel())

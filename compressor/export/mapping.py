@@ -1,4 +1,5 @@
-"""How each source tensor maps into the pruned checkpoint: dropped, renamed, router rows sliced, or copied."""
+"""How each source tensor maps into the pruned checkpoint: copied, renamed (a kept expert renumbered), sliced along
+its expert axis (routers, experts fused on disk) or dropped (a removed expert) — from the checkpoint's layout."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from compressor.families.layout import CheckpointLayout
 from compressor.io import TensorSpec
 
 
@@ -16,31 +18,49 @@ class OutputTensor:
 
     name: str  # name in the output
     source: str  # name in the source checkpoint
-    action: Literal["copy", "slice_rows"]
+    action: Literal["copy", "slice"]
     spec: TensorSpec
-    rows: tuple[int, ...] | None = None  # kept rows, for router tensors
+    keep: tuple[int, ...] | None = None  # kept experts in their new order, for "slice"
+    axis: int = 0  # the expert axis, for "slice"
+
+    def slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The source tensor's kept part (for "slice"), contiguous."""
+        return tensor.index_select(self.axis, torch.tensor(self.keep, device=tensor.device)).contiguous()
 
 
 class TensorMapping:
-    """The pruned checkpoint's tensors, derived from the source's names/headers and the kept experts."""
+    """The pruned checkpoint's tensors, derived from the source's layout and the kept experts."""
 
-    def __init__(self, family, kept: dict[int, list[int]]):
-        self.family = family
+    def __init__(self, layout: CheckpointLayout, kept: dict[int, list[int]]):
+        self.source_layout = layout
         self.kept = {int(layer): list(experts) for layer, experts in kept.items()}
         self.new_index = {layer: {old: new for new, old in enumerate(experts)} for layer, experts in self.kept.items()}
+        self._per_expert: dict[str, tuple[int, int, str]] = {}  # source name -> (layer, old expert, template)
+        self._sliced: dict[str, tuple[int, int]] = {}  # source name -> (layer, expert axis)
+        for layer, layer_layout in layout.layers.items():
+            for tensor in layer_layout.experts:
+                if tensor.per_expert:
+                    for expert in range(layer_layout.num_experts):
+                        self._per_expert[tensor.name(expert)] = (layer, expert, tensor.template)
+                else:
+                    self._sliced[tensor.name()] = (layer, tensor.axis)
+            for name, axis in layer_layout.router.items():
+                self._sliced[name] = (layer, axis)
 
     def map(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutputTensor | None:
         """The output tensor for source tensor `name`, or None when it is dropped."""
-        role = self.family.classify(name)
-        if role.kind == "expert" and role.layer in self.kept:
-            new = self.new_index[role.layer].get(role.expert)
+        if name in self._per_expert:
+            layer, expert, template = self._per_expert[name]
+            new = self.new_index[layer].get(expert)
             if new is None:
                 return None
-            out = self.family.expert_tensor_name(role.layer, new, role.suffix)
+            out = template.format(new)
             return OutputTensor(out, name, "copy", TensorSpec(out, dtype, shape))
-        if role.kind == "router" and role.layer in self.kept:
-            rows = tuple(self.kept[role.layer])
-            return OutputTensor(name, name, "slice_rows", TensorSpec(name, dtype, (len(rows), *shape[1:])), rows)
+        if name in self._sliced:
+            layer, axis = self._sliced[name]
+            keep = tuple(self.kept[layer])
+            new_shape = (*shape[:axis], len(keep), *shape[axis + 1:])
+            return OutputTensor(name, name, "slice", TensorSpec(name, dtype, new_shape), keep, axis)
         return OutputTensor(name, name, "copy", TensorSpec(name, dtype, shape))
 
     def plan(self, reader) -> list[OutputTensor]:
@@ -59,7 +79,6 @@ class TensorMapping:
         result = {}
         for name, tensor in tensors.items():
             mapped = self.map(name, tensor.dtype, tuple(tensor.shape))
-            if mapped is None:
-                continue
-            result[mapped.name] = tensor[list(mapped.rows)] if mapped.action == "slice_rows" else tensor
+            if mapped is not None:
+                result[mapped.name] = mapped.slice(tensor) if mapped.action == "slice" else tensor
         return result

@@ -1,20 +1,24 @@
-"""DeepSeekMoE (model_type ``deepseek``) for transformers 5.
+"""DeepSeekMoE (model_type ``deepseek``) for transformers 5, in transformers' own MoE conventions.
 
-Loads upstream checkpoints (``deepseek-ai/deepseek-moe-16b-*``) with their on-disk tensor names
-unchanged: per-expert ``mlp.experts.E.{gate,up,down}_proj``, router ``mlp.gate.weight``,
-``mlp.shared_experts.*``, dense ``mlp.*`` below ``first_k_dense_replace``.
+Loads upstream checkpoints (``deepseek-ai/deepseek-moe-16b-*``) with their on-disk tensor names unchanged:
+per-expert ``mlp.experts.E.{gate,up,down}_proj`` on disk become fused ``mlp.experts.gate_up_proj`` [E, 2I, H]
+and ``mlp.experts.down_proj`` [E, H, I] in memory through a registered checkpoint conversion (the one
+transformers uses for Qwen2-MoE), and `save_pretrained` writes them back per expert. The experts run through
+transformers' expert kernels (`experts_implementation`: ``eager``, ``batched_mm``, ``grouped_mm``), attention
+through its attention interface (``eager``, ``sdpa``, ...).
 
-Routing follows upstream: router logits and softmax in fp32 over all routed experts, top-k, and the
-chosen weights renormalised when ``norm_topk_prob`` is true (for every k, as vLLM does, so that a top-1
-checkpoint means the same in both runtimes); the routed sum is added to the shared experts' output.
-Differences from upstream's remote code: per-layer expert counts (``n_routed_experts_per_layer``),
-and experts are dispatched by grouping tokens per expert (a loop over experts, never over tokens).
+Routing follows upstream: router logits and softmax in fp32 over all routed experts, top-k, and the chosen
+weights renormalised when ``norm_topk_prob`` is true (for every k, as vLLM does, so that a top-1 checkpoint
+means the same in both runtimes); the routed sum is added to the shared experts' output. Differences from
+upstream's remote code: per-layer expert counts (``n_routed_experts_per_layer``).
 
-Self-contained (imports only torch and transformers), so it can be copied into a checkpoint
-directory and loaded with ``trust_remote_code=True``. Part of moe-compress.
+Self-contained (imports only torch and transformers), so it can be copied into a checkpoint directory and
+loaded with ``trust_remote_code=True``; importing it registers the checkpoint conversion for model_type
+``deepseek`` (remote code has no other place to do that). Part of moe-compress.
 """
 
-import math
+import inspect
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -23,15 +27,39 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:
     from .configuration_deepseek import DeepseekConfig
 except ImportError:  # loaded as a top-level module
     from configuration_deepseek import DeepseekConfig
 
-# transformers renamed the cache field of model outputs from `past_key_values` to `cache` in 5.2x.
+# transformers renamed the cache field of model outputs and the mask argument from `past_key_values` to `cache`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+register_checkpoint_conversion_mapping(
+    "deepseek",
+    [
+        WeightConverter(
+            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            target_patterns="mlp.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns="mlp.experts.*.down_proj.weight",
+            target_patterns="mlp.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ],
+    overwrite=True,
+)
 
 
 class DeepseekRMSNorm(nn.Module):
@@ -49,50 +77,46 @@ class DeepseekRMSNorm(nn.Module):
 
 
 class DeepseekRotaryEmbedding(nn.Module):
-    """Llama-style rotary embedding with upstream's `linear` and `dynamic` (NTK) scaling."""
+    """Rotary embedding with upstream's `linear` and `dynamic` (NTK) scaling, through transformers' RoPE functions."""
 
-    def __init__(self, config: DeepseekConfig):
+    def __init__(self, config: DeepseekConfig, device=None):
         super().__init__()
-        rope = config.rope_parameters or {}
-        self.dim = config.hidden_size // config.num_attention_heads
-        self.base = float(rope.get("rope_theta", config.rope_theta))
-        self.rope_type = rope.get("rope_type", "default")
-        self.factor = float(rope.get("factor", 1.0))
-        self.max_position_embeddings = config.max_position_embeddings
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init(config, device)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
-    def _inv_freq(self, base, device):
-        # Computed per call (dim/2 values): a buffer would be left uninitialised by meta-device loading.
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-        return 1.0 / (base**exponents)
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs):
+        dim = config.hidden_size // config.num_attention_heads
+        base = config.rope_parameters["rope_theta"]
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        return 1.0 / (base**exponents), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x, position_ids):
-        inv_freq = self._inv_freq(self.base, x.device)
-        positions = position_ids.float()
-        if self.rope_type == "linear":
-            positions = positions / self.factor
-        elif self.rope_type == "dynamic":
-            seq_len = int(position_ids.max()) + 1
-            if seq_len > self.max_position_embeddings:
-                ratio = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
-                inv_freq = self._inv_freq(self.base * ratio ** (self.dim / (self.dim - 2)), x.device)
-        freqs = positions[..., None] * inv_freq  # [batch, seq, dim/2]
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def _rotate_half(x):
+def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class DeepseekMLP(nn.Module):
-    """SwiGLU MLP: the dense layers, each routed expert, and the shared experts (one MLP)."""
+    """SwiGLU MLP: the dense layers and the shared experts (one MLP)."""
 
     def __init__(self, config: DeepseekConfig, intermediate_size: int):
         super().__init__()
@@ -105,166 +129,151 @@ class DeepseekMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DeepseekMoEGate(nn.Module):
-    """Softmax router: fp32 logits over all routed experts, top-k, optional renormalisation."""
+@use_experts_implementation
+class DeepseekExperts(nn.Module):
+    """The routed experts of one MoE layer, fused: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj
+    [E, H, I]. The eager forward groups tokens by expert and runs each expert that has tokens once."""
 
-    def __init__(self, config: DeepseekConfig, n_experts: int):
+    def __init__(self, config: DeepseekConfig, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        tokens, k = top_k_index.shape
+        flat_index = top_k_index.reshape(-1)
+        order = torch.argsort(flat_index, stable=True)
+        counts = torch.bincount(flat_index, minlength=self.num_experts).tolist()
+        outputs = []
+        for expert, rows in enumerate(hidden_states[order // k].split(counts)):
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        grouped = torch.cat(outputs)
+        unsorted = torch.empty_like(grouped)
+        unsorted[order] = grouped
+        weighted = unsorted.view(tokens, k, -1) * top_k_weights.unsqueeze(-1)
+        return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
+class DeepseekTopkRouter(nn.Module):
+    """Softmax router: fp32 logits over all routed experts, top-k (slot 0 = highest weight), optional
+    renormalisation. Returns (router_logits, top-k weights fp32, top-k indices) like transformers' routers."""
+
+    def __init__(self, config: DeepseekConfig, num_experts: int):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.n_routed_experts = n_experts
+        self.num_experts = num_experts
         self.norm_topk_prob = config.norm_topk_prob
-        self.alpha = config.aux_loss_alpha
-        self.seq_aux = config.seq_aux
-        if not 0 < self.top_k <= n_experts:
-            raise ValueError(f"num_experts_per_tok={self.top_k} does not fit a layer with {n_experts} routed experts")
-        self.weight = nn.Parameter(torch.empty(n_experts, config.hidden_size))
+        if not 0 < self.top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} does not fit a layer with {num_experts} routed experts")
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
 
     def forward(self, hidden_states):
-        """Return (scores [T, E] fp32, top-k indices [T, k], top-k weights [T, k] fp32, aux loss or None).
-
-        `hidden_states` is [batch, seq, hidden]; tokens are flattened in row-major order.
-        """
-        batch, seq_len, hidden = hidden_states.shape
-        flat = hidden_states.reshape(-1, hidden)
-        logits = F.linear(flat.float(), self.weight.float())
+        logits = F.linear(hidden_states.float(), self.weight.float())
         scores = logits.softmax(dim=-1)
-        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1)
+        weights, indices = torch.topk(scores, k=self.top_k, dim=-1)
         if self.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        aux_loss = None
-        if self.training and self.alpha > 0.0:
-            aux_loss = self._balance_loss(scores, topk_idx, batch, seq_len)
-        return scores, topk_idx, topk_weight, aux_loss
-
-    def _balance_loss(self, scores, topk_idx, batch, seq_len):
-        """Upstream's expert-level load-balancing loss (per sequence when `seq_aux`)."""
-        n = self.n_routed_experts
-        if self.seq_aux:
-            seq_scores = scores.view(batch, seq_len, n)
-            load = torch.zeros(batch, n, device=scores.device)
-            load.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, seq_len * self.top_k, device=scores.device))
-            load = load / (seq_len * self.top_k / n)
-            return (load * seq_scores.mean(dim=1)).sum(dim=1).mean() * self.alpha
-        load = F.one_hot(topk_idx.view(-1), num_classes=n).float().mean(0) * n
-        return (scores.mean(0) * load).sum() * self.alpha
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, weights, indices
 
 
 class DeepseekMoE(nn.Module):
-    """Routed experts (one MLP each) plus shared experts.
-
-    `observer`, when set (e.g. by a profiler), is called once per forward with keyword arguments
-    hidden_states, scores, topk_idx, topk_weight, expert_outputs ([T, k, hidden], unweighted),
-    routed_output and shared_output.
-    """
+    """Routed experts plus shared experts; in training, upstream's load-balancing loss lands in `aux_loss`."""
 
     def __init__(self, config: DeepseekConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_routed_experts = config.routed_experts_in_layer(layer_idx)
-        self.experts = nn.ModuleList(
-            DeepseekMLP(config, config.moe_intermediate_size) for _ in range(self.n_routed_experts)
-        )
-        self.gate = DeepseekMoEGate(config, self.n_routed_experts)
+        self.config = config
+        num_experts = config.routed_experts_in_layer(layer_idx)
+        self.experts = DeepseekExperts(config, num_experts)
+        self.gate = DeepseekTopkRouter(config, num_experts)
         self.shared_experts = None
         if config.n_shared_experts:
             self.shared_experts = DeepseekMLP(config, config.moe_intermediate_size * config.n_shared_experts)
         self.aux_loss = None
-        self.observer = None
-
-    def expert_outputs(self, flat_hidden, topk_idx):
-        """Unweighted outputs of every chosen expert: [tokens, k, hidden].
-
-        Tokens are grouped by expert (a stable sort), and each expert with tokens runs once.
-        """
-        tokens, k = topk_idx.shape
-        flat_idx = topk_idx.reshape(-1)
-        order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_routed_experts).tolist()
-        grouped_inputs = flat_hidden[order // k].split(counts)
-        grouped_outputs = torch.cat(
-            [self.experts[expert](inputs) for expert, inputs in enumerate(grouped_inputs) if inputs.shape[0]]
-        )
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        outputs = grouped_outputs[inverse]
-        return outputs.view(tokens, k, -1)
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
-        scores, topk_idx, topk_weight, self.aux_loss = self.gate(hidden_states)
         flat = hidden_states.reshape(-1, shape[-1])
-        outputs = self.expert_outputs(flat, topk_idx)
-        routed = (outputs.float() * topk_weight.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
-        shared = self.shared_experts(flat) if self.shared_experts is not None else None
-        if self.observer is not None:
-            self.observer(
-                hidden_states=flat,
-                scores=scores,
-                topk_idx=topk_idx,
-                topk_weight=topk_weight,
-                expert_outputs=outputs,
-                routed_output=routed,
-                shared_output=shared,
-            )
-        result = routed if shared is None else routed + shared
-        return result.view(shape)
+        logits, weights, indices = self.gate(flat)
+        output = self.experts(flat, indices, weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(flat)
+        alpha = self.config.aux_loss_alpha
+        self.aux_loss = self._balance_loss(logits.softmax(-1), indices, shape) * alpha if self.training and alpha else None
+        return output.view(shape)
+
+    def _balance_loss(self, scores, indices, shape):
+        """Upstream's expert-level load-balancing loss (per sequence when `seq_aux`)."""
+        n, k = scores.shape[-1], indices.shape[-1]
+        if self.config.seq_aux:
+            batch, seq_len = shape[0], shape[1]
+            load = torch.zeros(batch, n, device=scores.device)
+            load.scatter_add_(1, indices.view(batch, -1), torch.ones(batch, seq_len * k, device=scores.device))
+            load = load / (seq_len * k / n)
+            return (load * scores.view(batch, seq_len, n).mean(dim=1)).sum(dim=1).mean()
+        load = F.one_hot(indices.view(-1), num_classes=n).float().mean(0) * n
+        return (scores.mean(0) * load).sum()
 
 
-def _eager_attention(query, key, value, mask, dropout, training):
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    weights = torch.matmul(query, key.transpose(2, 3)) * scale
-    q_len, kv_len = query.shape[-2], key.shape[-2]
-    if mask is None and q_len > 1:
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    if mask is not None:
-        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
-    weights = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=training)
-    return torch.matmul(weights, value)
+def repeat_kv(hidden_states, n_rep):
+    if n_rep == 1:
+        return hidden_states
+    batch, heads, length, dim = hidden_states.shape
+    return hidden_states[:, :, None].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class DeepseekAttention(nn.Module):
-    """Plain multi-head attention (grouped KV heads allowed) with rotary embeddings."""
+    """Multi-head attention (grouped KV heads allowed) with rotary embeddings, through transformers' attention
+    interface (eager, sdpa, flash attention where installed)."""
 
     def __init__(self, config: DeepseekConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.kv_groups = self.num_heads // self.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, mask, cache=None):
-        batch, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if self.kv_groups > 1:
-            key = key.repeat_interleave(self.kv_groups, dim=1)
-            value = value.repeat_interleave(self.kv_groups, dim=1)
-        dropout = self.config.attention_dropout if self.training else 0.0
-        implementation = self.config._attn_implementation or "sdpa"
-        if implementation == "eager":
-            output = _eager_attention(query, key, value, mask, dropout, self.training)
-        elif implementation == "sdpa":
-            is_causal = mask is None and q_len > 1
-            output = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
-            )
-        else:
-            raise ValueError(f"DeepSeekMoE supports attn_implementation 'eager' or 'sdpa', not {implementation!r}")
-        output = output.transpose(1, 2).reshape(batch, q_len, -1)
-        return self.o_proj(output)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
 class DeepseekDecoderLayer(nn.Module):
@@ -278,13 +287,15 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, mask, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        kwargs.pop("past_key_values", None)
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, cache)
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                                          cache, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class DeepseekPreTrainedModel(PreTrainedModel):
@@ -293,7 +304,8 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["DeepseekDecoderLayer"]
     _supports_sdpa = True
-    _supports_cache_class = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -304,23 +316,18 @@ class DeepseekPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(mean=0.0, std=std)
-        elif isinstance(module, DeepseekMoEGate):
+        elif isinstance(module, DeepseekExperts):
+            module.gate_up_proj.normal_(mean=0.0, std=std)
+            module.down_proj.normal_(mean=0.0, std=std)
+        elif isinstance(module, DeepseekTopkRouter):
             module.weight.normal_(mean=0.0, std=std)
         elif isinstance(module, DeepseekRMSNorm):
             module.weight.fill_(1.0)
-
-
-def _attention_mask(attention_mask, batch, q_len, past_len, device):
-    """Boolean mask [batch, 1, q_len, past_len + q_len] (True = attend), or None for plain causal prefill."""
-    kv_len = past_len + q_len
-    if attention_mask is None and (q_len == 1 or past_len == 0):
-        return None
-    query_pos = torch.arange(past_len, kv_len, device=device)[:, None]
-    causal = torch.arange(kv_len, device=device)[None, :] <= query_pos
-    mask = causal[None, None].expand(batch, 1, q_len, kv_len)
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, -kv_len:].bool()
-    return mask
+        elif isinstance(module, DeepseekRotaryEmbedding):
+            inv_freq, _ = (module.compute_default_rope_parameters if module.rope_type == "default"
+                           else ROPE_INIT_FUNCTIONS[module.rope_type])(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
 
 
 class DeepseekModel(DeepseekPreTrainedModel):
@@ -339,49 +346,34 @@ class DeepseekModel(DeepseekPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_hidden_states=None,
-        return_dict=None,
-        cache: Optional[Cache] = None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Optional[Cache] = None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                cache: Optional[Cache] = None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        batch, q_len, _ = inputs_embeds.shape
-        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)[None]
-        mask = _attention_mask(attention_mask, batch, q_len, past_len, inputs_embeds.device)
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, **{_MASK_CACHE_ARG: cache if use_cache else None})
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache if use_cache else None)
+            hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids,
+                                  cache=cache if use_cache else None, position_embeddings=position_embeddings)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            **{_CACHE_FIELD: cache if use_cache else None},
-        )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), hidden_states=all_hidden_states,
+                                       **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
@@ -406,52 +398,25 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_hidden_states=None,
-        return_dict=None,
-        logits_to_keep=0,
-        cache: Optional[Cache] = None,
-        **kwargs,
-    ):
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Optional[Cache] = None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                logits_to_keep=0, cache: Optional[Cache] = None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
-            aux_losses = [
-                layer.mlp.aux_loss for layer in self.model.layers if getattr(layer.mlp, "aux_loss", None) is not None
-            ]
-            if aux_losses:
-                loss = loss + torch.stack(aux_losses).sum()
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
-        )
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            aux = [layer.mlp.aux_loss for layer in self.model.layers if getattr(layer.mlp, "aux_loss", None) is not None]
+            if aux:
+                loss = loss + torch.stack(aux).sum()
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
 
 __all__ = ["DeepseekConfig", "DeepseekModel", "DeepseekForCausalLM", "DeepseekPreTrainedModel"]

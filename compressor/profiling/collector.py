@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from compressor.families.moe_block import MoEBlock
 from compressor.profiling.schema import LayerStatistics
 
 
@@ -59,13 +60,13 @@ class LayerAccumulator:
 
 
 class RoutingCollector:
-    """Attaches accumulators to every MoE layer of a model through the family adapter.
+    """Attaches accumulators to every MoE layer of a model through the MoE-block interface.
 
     Set `valid` (a flat bool mask of real tokens, row-major over the batch) before each forward pass.
     """
 
     def __init__(self, family, config: dict, device="cpu"):
-        self.family = family
+        self.family, self.config = family, config
         self.layers = {
             layer: LayerAccumulator(family.num_experts(config, layer), device) for layer in family.moe_layers(config)
         }
@@ -75,18 +76,20 @@ class RoutingCollector:
     def attach(self, model: torch.nn.Module, layers=None) -> None:
         """Hook the MoE blocks (and decoder layers) of `layers` (default: all) in `model`."""
         for layer in self.layers if layers is None else layers:
-            accumulator = self.layers[layer]
-            decoder_layer = model.get_submodule(self.family.layer_module_name(layer))
-            self._detach.append(self.attach_layer(decoder_layer, accumulator))
+            decoder_layer = model.get_submodule(self.family.decoder_layer_path(layer))
+            self._detach.append(self.attach_layer(layer, decoder_layer))
 
-    def attach_layer(self, decoder_layer: torch.nn.Module, accumulator: LayerAccumulator):
-        def on_routing(topk_idx, topk_weight, expert_outputs, routed_output, **_):
-            accumulator.observe_routing(self.valid, topk_idx, topk_weight, expert_outputs, routed_output)
+    def attach_layer(self, layer: int, decoder_layer: torch.nn.Module):
+        """Observe decoder layer `layer` (its MoE block's routing and its output); returns a detach function."""
+        accumulator = self.layers[layer]
+
+        def on_routing(routing, expert_outputs, routed_output, **_):
+            accumulator.observe_routing(self.valid, routing.indices, routing.weights, expert_outputs, routed_output)
 
         def on_output(_module, _inputs, output):
             accumulator.observe_layer_output(output[0] if isinstance(output, tuple) else output)
 
-        remove_observer = self.family.attach_routing_observer(decoder_layer, on_routing)
+        remove_observer = MoEBlock(self.family, self.config, layer, decoder_layer).observe(on_routing)
         handle = decoder_layer.register_forward_hook(on_output)
 
         def detach():

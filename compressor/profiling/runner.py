@@ -12,13 +12,13 @@ from compressor import __version__
 from compressor.data.batching import Batch, batches, token_sequences
 from compressor.data.sources import LoadedSource, load_source
 from compressor.errors import UserError
-from compressor.families import detect_family
-from compressor.io import CheckpointReader
+from compressor.families import open_checkpoint
 from compressor.io.resolve import resolve_model
-from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
 from compressor.profiling.collector import RoutingCollector
 from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
-from compressor.runtime import Distributed, load_tokenizer, resolve_device, resolve_dtype
+from compressor.runtime import (
+    CheckpointTensors, Distributed, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
+)
 
 
 @dataclass
@@ -42,10 +42,8 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     loaded = {name: load_source(spec, default_split="calibration", text_field=options.text_field)
               for name, spec in sources.items()}
     model_dir, revision = resolve_model(model, options.revision)
-    reader = CheckpointReader(model_dir)
-    config = reader.config
-    family = detect_family(config)
-    family.validate_checkpoint(config, reader)
+    checkpoint = open_checkpoint(model_dir)
+    config, family = checkpoint.config, checkpoint.family
     max_positions = config.get("max_position_embeddings")
     if max_positions and options.seq_len > max_positions:
         raise UserError(f"--seq-len {options.seq_len} exceeds the model's context ({max_positions} positions)")
@@ -67,8 +65,8 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     device = dist.device
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
     run = _run_layerwise if options.layerwise else _run_whole_model
-    domains = run(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id)
-    reader.close()
+    domains = run(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id)
+    checkpoint.close()
     identity = ModelIdentity(
         source=model,
         revision=revision,
@@ -110,7 +108,8 @@ def _reduce_domain(collector, tokens, dist):
     return int(round(float(counter)))
 
 
-def _run_whole_model(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id):
+def _run_whole_model(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id):
+    family, config, model_dir = checkpoint.family, checkpoint.config, checkpoint.reader.path
     model_class = family.model_class(config)
     model = model_class.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     domains = {}
@@ -136,43 +135,36 @@ def _run_whole_model(model_dir, reader, family, config, domain_sequences, loaded
     return domains
 
 
-def _run_layerwise(model_dir, reader, family, config, domain_sequences, loaded, options, device, dtype, dist, pad_id):
+def _run_layerwise(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id):
     """One decoder layer in memory at a time; every batch of every domain passes through it before the next."""
-    runner = LayerwiseModel(family, config, device, dtype)
-    embedding = reader.get(family.embedding_tensor_name).to(device=device, dtype=dtype)
+    family, config = checkpoint.family, checkpoint.config
+    runner = LayerwiseModel(family, config, CheckpointTensors(checkpoint.reader, checkpoint.layout), device, dtype)
     work = []  # (domain, Batch) for the batches this rank runs
     for name, sequences in domain_sequences.items():
         for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
             if dist.mine(index):
                 work.append((name, batch))
-    store = ActivationStore(options.activation_budget_bytes)
-    for i, (_, batch) in enumerate(work):
-        store.put(i, torch.nn.functional.embedding(batch.input_ids.to(device), embedding))
-    del embedding
     collectors = {name: RoutingCollector(family, config, device) for name in domain_sequences}
     moe_layers = set(family.moe_layers(config))
-    try:
-        bar = tqdm(total=runner.num_layers, desc="profile (layer by layer)", unit="layer",
-                   disable=not options.progress or dist.rank != 0, dynamic_ncols=True)
-        for layer in range(runner.num_layers):
-            module = runner.load_layer(layer, layer_tensors(reader, family, layer))
-            attached = None
-            with torch.no_grad():
-                for i, (name, batch) in enumerate(work):
-                    if layer in moe_layers:
-                        if attached is None or attached[0] != name:
-                            if attached is not None:
-                                attached[1]()
-                            attached = (name, collectors[name].attach_layer(module, collectors[name].layers[layer]))
-                        collectors[name].valid = batch.valid().to(device)
-                    mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-                    store.put(i, runner.run_layer(module, store.get(i, device), mask))
-            if attached is not None:
-                attached[1]()
-            runner.release_layer(layer)
-            bar.update(1)
-        bar.close()
-    finally:
+
+    def visit(step):
+        if step.layer not in moe_layers:
+            return
+        attached = None
+        for i, (name, batch) in enumerate(work):
+            if attached is None or attached[0] != name:
+                if attached is not None:
+                    attached[1]()
+                attached = (name, collectors[name].attach_layer(step.layer, step.modules[0]))
+            collectors[name].valid = batch.valid().to(device)
+            step.set_output(0, i, step.run(0, i))
+        if attached is not None:
+            attached[1]()
+
+    stores = run_layer_by_layer([runner], [batch for _, batch in work], visit=visit, desc="profile (layer by layer)",
+                                progress=options.progress and dist.rank == 0,
+                                budget_bytes=options.activation_budget_bytes)
+    for store in stores:
         store.close()
     domains = {}
     for name, sequences in domain_sequences.items():

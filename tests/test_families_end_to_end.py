@@ -1,0 +1,442 @@
+"""Every supported family through the MoE seam, end to end, on tiny random checkpoints built with transformers' own
+config and model classes (ours for DeepSeekMoE) and written by `save_pretrained`, so the on-disk layout is the
+standard one.
+
+Independent expectations: routing is recomputed here from the router weights read from disk with each family's rule
+written out in this file; the pruned output loaded in plain transformers is compared with the original model whose
+router is masked here (dropped experts' logits at -inf); kept tensors are compared byte for byte with the original's.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
+    OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+)
+
+from compressor.families import detect_family, open_checkpoint
+from compressor.families.moe_block import MoEBlock
+from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
+from helpers import run_cli, write_jsonl
+
+HIDDEN, EXPERTS, TOP_K, VOCAB = 32, 8, 2, 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=TOP_K, max_position_embeddings=64, bos_token_id=0,
+              eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
+# family: (config class, model class, extra config, router rule: fp32 logits, renormalise, scaling)
+FAMILIES = {
+    "deepseek_moe": (DeepseekConfig, DeepseekForCausalLM,
+                     dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1,
+                          first_k_dense_replace=1, num_key_value_heads=4), (True, False, 1.0)),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM,
+                    dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1,
+                         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+                         qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.5, num_key_value_heads=4),
+                    (True, False, 1.5)),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                  dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                       decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False), (False, False, 1.0)),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                  dict(num_experts=EXPERTS, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True,
+                       decoder_sparse_step=1, mlp_only_layers=[]), (False, True, 1.0)),
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=EXPERTS), (False, True, 1.0)),
+    "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=EXPERTS, norm_topk_prob=False), (False, False, 1.0)),
+}
+NAMES = list(FAMILIES)
+
+
+def _decisive(model, generator):
+    """Large router rows (decisive routing) and experts whose output matters next to the residual stream."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".mlp." in name or ".block_sparse_moe." in name:
+                std = 0.5 if name.endswith(("gate.weight", "router.weight")) and "proj" not in name else 0.2
+                parameter.copy_(std * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """{family: (model, directory)}: each family's tiny model, saved in several shards that cut through layers."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, (config_class, model_class, extra, _) in FAMILIES.items():
+        torch.manual_seed(0)
+        config = config_class(**{**COMMON, **extra})
+        config._attn_implementation = "eager"
+        model = model_class(config).eval()
+        _decisive(model, torch.Generator().manual_seed(1))
+        model.save_pretrained(root / name, max_shard_size="40KB")
+        out[name] = (model, root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    data = [[rng.randrange(2, VOCAB) for _ in range(rng.randint(6, 16))] for _ in range(12)]
+    return write_jsonl(tmp_path_factory.mktemp("rows") / "rows.jsonl", data)
+
+
+def disk(directory: Path) -> dict[str, torch.Tensor]:
+    return {n: t for shard in sorted(directory.glob("*.safetensors")) for n, t in load_file(shard).items()}
+
+
+def moe_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(_block(layer), "experts")]
+
+
+def _block(layer):
+    return getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
+
+
+def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: int, dropped=None):
+    """(weights, indices) by the family's rule, written here: softmax of the logits (fp32 logits for the DeepSeek
+    families), top-k, renormalised (Mixtral, Qwen3 with norm_topk_prob), times the V2 scaling factor."""
+    fp32, renorm, scale = FAMILIES[name][3]
+    logits = x.float() @ weight.float().T if fp32 else (x @ weight.T).float()
+    if dropped is not None:
+        logits = logits.masked_fill(dropped, float("-inf"))
+    top, index = logits.softmax(-1).topk(top_k, dim=-1)
+    if renorm:
+        top = top / top.sum(-1, keepdim=True)
+    return top * scale, index
+
+
+# -- the MoE-block interface against the families' own modules -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_route_matches_the_family_router_and_the_rule_written_here(checkpoints, name):
+    model, directory = checkpoints[name]
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config)
+    assert family.name == name and family.moe_layers(config) == moe_layers(model)
+    x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(3))
+    for layer in moe_layers(model):
+        block = MoEBlock(family, config, layer, model.model.layers[layer])
+        routing = block.route(x)
+        _, native_weights, native_index = block.router(x)
+        order = native_weights.float().sort(dim=-1, descending=True).indices
+        assert torch.equal(routing.indices, native_index.gather(-1, order))
+        torch.testing.assert_close(routing.weights, native_weights.float().gather(-1, order))
+        weights, index = reference_routing(name, disk(directory)[_router_name(directory, layer)], x, TOP_K)
+        assert torch.equal(routing.indices, index)
+        torch.testing.assert_close(routing.weights, weights)
+        removed = torch.zeros(EXPERTS, dtype=torch.bool)
+        removed[[1, 4, 6]] = True
+        masked = block.route(x, removed=removed, top_k=1)
+        assert not torch.isin(masked.indices, torch.tensor([1, 4, 6])).any() and masked.indices.shape == (40, 1)
+
+
+def _router_name(directory: Path, layer: int) -> str:
+    names = [n for n in disk(directory) if n.endswith((f"layers.{layer}.mlp.gate.weight",
+                                                     f"layers.{layer}.block_sparse_moe.gate.weight"))]
+    assert len(names) == 1, names
+    return names[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_block_outputs_and_weight_views(checkpoints, name):
+    model, directory = checkpoints[name]
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config)
+    x = torch.randn(24, HIDDEN, generator=torch.Generator().manual_seed(4))
+    for layer in moe_layers(model):
+        decoder_layer = model.model.layers[layer]
+        block = MoEBlock(family, config, layer, decoder_layer)
+        with torch.no_grad():
+            native = _block(decoder_layer)(x[None])[0]
+            torch.testing.assert_close(block.forward(x), native, rtol=1e-5, atol=1e-6)
+            seen = []
+            detach = block.observe(lambda **kw: seen.append(kw))
+            observed = _block(decoder_layer)(x[None])[0]
+            detach()
+            torch.testing.assert_close(observed, native, rtol=1e-5, atol=1e-6)
+            assert len(seen) == 1 and seen[0]["expert_outputs"].shape == (24, TOP_K, HIDDEN)
+            routing = seen[0]["routing"]
+            for slot in range(TOP_K):
+                for token in (0, 7, 23):
+                    expert = int(routing.indices[token, slot])
+                    w = block.expert_weights(expert)
+                    h = x[token]
+                    expected = (F.silu(w.gate @ h) * (w.up @ h)) @ w.down.T
+                    torch.testing.assert_close(seen[0]["expert_outputs"][token, slot], expected, rtol=1e-5, atol=1e-6)
+            # the views write through into the fused tensors
+            w = block.expert_weights(3)
+            before = block.experts.down_proj.detach().clone()
+            w.down.mul_(2)
+            changed = (block.experts.down_proj != before).nonzero()[:, 0].unique().tolist()
+            w.down.div_(2)
+            assert changed == [3] and torch.equal(block.experts.down_proj, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_converts_each_layer_like_transformers(checkpoints, name):
+    model, directory = checkpoints[name]
+    checkpoint = open_checkpoint(directory)
+    tensors = disk(directory)
+    state = model.state_dict()
+    for layer in range(3):
+        on_disk = {n: t for n, t in tensors.items() if checkpoint.layout.layer_of(n) == layer}
+        assert on_disk and all(f"layers.{layer}." in n for n in on_disk)
+        converted = checkpoint.layout.to_model(on_disk)
+        expected = {n: t for n, t in state.items() if n.startswith(f"model.layers.{layer}.")}
+        assert converted.keys() == expected.keys()
+        assert all(torch.equal(converted[n], expected[n]) for n in expected)
+        back = checkpoint.layout.to_disk(converted)
+        assert back.keys() == on_disk.keys() and all(torch.equal(back[n], on_disk[n]) for n in on_disk)
+    roles = {checkpoint.layout.classify(n).kind for n in tensors}
+    assert {"expert", "router", "other"} <= roles
+    checkpoint.close()
+
+
+# -- profile ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_profiled_counts_equal_routing_computed_here(checkpoints, rows, name, tmp_path, capsys):
+    model, directory = checkpoints[name]
+    sequences = [json.loads(line)["input_ids"] for line in rows.read_text().splitlines()]
+    inputs = {}
+    hooks = [_block(model.model.layers[layer]).register_forward_pre_hook(
+        lambda m, args, layer=layer: inputs.setdefault(layer, []).append(args[0].reshape(-1, HIDDEN)))
+        for layer in moe_layers(model)]
+    with torch.no_grad():
+        for row in sequences:
+            model(input_ids=torch.tensor([row]), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    tensors = disk(directory)
+    expected = {}
+    for layer, parts in inputs.items():
+        _, index = reference_routing(name, tensors[_router_name(directory, layer)], torch.cat(parts), TOP_K)
+        expected[str(layer)] = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
+    for layerwise in ([], ["--layerwise"]):
+        out = tmp_path / f"profile{len(layerwise)}.json"
+        code, _, err = run_cli(["profile", directory, "-d", f"r={rows}", "-o", out, "--seq-len", "16",
+                                "--device", "cpu", *layerwise], capsys)
+        assert code == 0, err
+        profile = json.loads(out.read_text())
+        assert profile["model"]["family"] == name
+        assert {layer: stats["selected"] for layer, stats in profile["domains"]["r"]["layers"].items()} == expected
+
+
+# -- export, and the pruned output in plain transformers ----------------------------------------------------------
+
+
+def write_plan(directory: Path, path: Path, keep: dict[int, list[int]], top_k: int, compensation="none") -> Path:
+    from compressor.profiling.schema import config_hash
+
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config)
+    layers = family.moe_layers(config)
+    model = {"source": str(directory), "family": family.name, "config_hash": config_hash(config), "moe_layers": layers,
+             "experts_per_layer": {str(layer): family.num_experts(config, layer) for layer in layers},
+             "top_k": family.top_k(config)}
+    path.write_text(json.dumps({"format_version": 1, "model": model, "top_k": top_k, "compensation": compensation,
+                                "layers": {str(layer): {"keep": keep[layer]} for layer in layers}}))
+    return path
+
+
+def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids) -> torch.Tensor:
+    """The original's logits with each MoE router masked here: dropped experts' logits at -inf, top-`top_k`."""
+    saved = {}
+    for layer, kept in keep.items():
+        router = _block(model.model.layers[layer]).gate
+        dropped = torch.ones(EXPERTS, dtype=torch.bool)
+        dropped[kept] = False
+        weight = router.weight.detach()
+
+        def forward(hidden, weight=weight, dropped=dropped):
+            x = hidden.reshape(-1, HIDDEN)
+            weights, index = reference_routing(name, weight, x, top_k, dropped)
+            return None, weights.to(x.dtype if not FAMILIES[name][3][0] else torch.float32), index
+
+        saved[layer] = router
+        router.forward = forward
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for router in saved.values():
+            del router.forward
+
+
+KEEP = {1: [6, 1, 3, 4], 2: [0, 2, 5, 7]}  # (layer 0 too for the families whose every layer is MoE)
+
+
+def keep_for(model) -> dict[int, list[int]]:
+    return {layer: KEEP.get(layer, [7, 0, 3, 2]) for layer in moe_layers(model)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruned_output_in_transformers_equals_the_masked_original(checkpoints, name, tmp_path, capsys):
+    model, directory = checkpoints[name]
+    keep = keep_for(model)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "plan.json", keep, 1), "-o", out,
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    family = detect_family(config)
+    assert [family.num_experts(config, layer) for layer in moe_layers(model)] == [4] * len(keep)
+    assert family.top_k(config) == 1 and ("auto_map" in config) == (name == "deepseek_moe")
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(pruned) is type(model)  # the family's own class (ours for DeepSeekMoE, registered, no remote code)
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+        original = model(input_ids=ids, use_cache=False).logits
+    expected = masked_logits(name, model, keep, 1, ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (original - expected).abs().max() > 1e-2  # the masking matters
+
+    # kept experts' tensors are the original's, renumbered in the plan's order; routers are sliced rows
+    source, output = disk(directory), disk(out)
+    layout = open_checkpoint(directory).layout
+    for layer, kept in keep.items():
+        kept = sorted(kept)  # a plan's experts are renumbered in ascending order of their original ids
+        for template in (t.template for t in layout.layers[layer].experts):
+            for new, old in enumerate(kept):
+                assert torch.equal(output[template.format(new)], source[template.format(old)])
+            assert template.format(4) not in output
+        for router in layout.layers[layer].router:
+            assert torch.equal(output[router], source[router][kept])
+    untouched = [n for n in source if layout.classify(n).kind in ("other", "shared_expert")]
+    assert all(torch.equal(output[n], source[n]) for n in untouched)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keep_all_is_byte_identical(checkpoints, name, tmp_path, capsys):
+    model, directory = checkpoints[name]
+    keep = {layer: list(range(EXPERTS)) for layer in moe_layers(model)}
+    out = tmp_path / "out"
+    plan = write_plan(directory, tmp_path / "plan.json", keep, TOP_K)
+    code, _, err = run_cli(["export", directory, plan, "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    source, output = disk(directory), disk(out)
+    assert source.keys() == output.keys()
+    for n in source:
+        assert source[n].dtype == output[n].dtype and bytes(source[n].view(-1).view(torch.uint8).numpy()) == \
+            bytes(output[n].view(-1).view(torch.uint8).numpy()), n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fitted_modes_lower_the_moe_layer_error(checkpoints, rows, name, tmp_path, capsys):
+    model, directory = checkpoints[name]
+    keep = keep_for(model)
+    plan = write_plan(directory, tmp_path / "plan.json", keep, 1)
+    sequences = [json.loads(line)["input_ids"] for line in rows.read_text().splitlines()]
+    errors = {}
+    for mode, extra in (("none", []), ("scale", []), ("refit", []), ("distill", ["--distill-steps", "40"])):
+        out = tmp_path / mode
+        fit = ["--calibration", f"r={rows}", "--seq-len", "16", "--device", "cpu"] if mode != "none" else []
+        code, _, err = run_cli(["export", directory, plan, "-o", out, "--no-validate", "--compensation", mode,
+                                *fit, *extra], capsys)
+        assert code == 0, (mode, err)
+        errors[mode] = _last_moe_layer_error(model, out, sequences)
+    for mode in ("scale", "refit", "distill"):
+        assert errors[mode] < 0.95 * errors["none"], errors
+
+
+def _last_moe_layer_error(model, out: Path, sequences) -> float:
+    """Relative error of the last MoE layer's output (whole model run), pruned vs the original, over the rows."""
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    layer = moe_layers(model)[-1]
+    captured = {}
+    for key, m in (("original", model), ("pruned", pruned)):
+        m.model.layers[layer].register_forward_hook(
+            lambda mod, args, output, key=key: captured.setdefault(key, []).append(
+                output[0] if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        for row in sequences:
+            for m in (model, pruned):
+                m(input_ids=torch.tensor([row]), use_cache=False)
+    for m in (model,):
+        m.model.layers[layer]._forward_hooks.clear()
+    a, b = torch.cat([t.reshape(-1, HIDDEN) for t in captured["pruned"]]), \
+        torch.cat([t.reshape(-1, HIDDEN) for t in captured["original"]])
+    return float((a - b).pow(2).sum() / b.pow(2).sum())
+
+
+# -- per-layer expert counts, validation, serving ---------------------------------------------------------------------
+
+
+_LOAD_WITHOUT_COMPRESSOR = """
+import json, sys, torch
+sys.modules["compressor"] = None  # moe-compress is not importable here
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(json.loads(sys.argv[1]))
+out = {}
+for directory in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[directory] = {"logits": model(input_ids=ids, use_cache=False).logits.tolist(),
+                          "class": type(model).__name__}
+print(json.dumps(out))
+"""
+
+
+def test_per_layer_counts_load_in_process_and_without_moe_compress(checkpoints, tmp_path, capsys):
+    ids = torch.randint(2, VOCAB, (1, 10), generator=torch.Generator().manual_seed(6))
+    outputs, expected = [], {}
+    for name, (model, directory) in checkpoints.items():
+        layers = moe_layers(model)
+        keep = {layer: list(range(3 + i)) for i, layer in enumerate(layers)}  # 3, 4 (, 5) experts
+        out = tmp_path / name
+        code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / f"{name}.json", keep, 1),
+                                "-o", out, "--no-validate"], capsys)
+        assert code == 0, (name, err)
+        config = json.loads((out / "config.json").read_text())
+        family = detect_family(config)
+        assert [family.num_experts(config, layer) for layer in layers] == [len(keep[layer]) for layer in layers]
+        in_process = family.model_class(config).from_pretrained(out, dtype=torch.float32).eval()
+        assert [MoEBlock(family, config, layer, in_process.model.layers[layer]).num_experts for layer in layers] == \
+            [len(keep[layer]) for layer in layers]
+        with torch.no_grad():
+            expected[str(out)] = in_process(input_ids=ids, use_cache=False).logits
+            torch.testing.assert_close(expected[str(out)], masked_logits(name, model, keep, 1, ids),
+                                       rtol=1e-5, atol=1e-5)
+        outputs.append(str(out))
+    result = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_COMPRESSOR, json.dumps(ids.tolist()), *outputs],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for directory, logits in expected.items():
+        torch.testing.assert_close(torch.tensor(loaded[directory]["logits"]), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_whole_equals_layerwise_and_serve_check_accepts_uniform(checkpoints, rows, name, tmp_path, capsys):
+    from compressor.serving import check_servable
+
+    model, directory = checkpoints[name]
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "plan.json", keep_for(model), 1),
+                            "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    reports = []
+    for layerwise in ([], ["--layerwise"]):
+        path = tmp_path / f"v{len(layerwise)}.json"
+        code, _, err = run_cli(["validate", directory, out, "-d", f"r={rows}", "-o", path, "--seq-len", "16",
+                                "--device", "cpu", *layerwise], capsys)
+        assert code == 0, err
+        reports.append(json.loads(path.read_text()))
+    whole, layerwise = reports
+    for domain in whole["domains"]:
+        for key in ("perplexity_original", "perplexity_compressed", "kl_mean"):
+            assert layerwise["domains"][domain][key] == pytest.approx(whole["domains"][domain][key], rel=1e-4)
+    assert whole["domains"]["r"]["perplexity_increase"] != 0 and set(whole["layers"]) == {"0", "1", "2"}
+    info = check_servable(out)
+    assert info.family == name and info.experts == 4 and info.top_k == 1
+    assert info.trust_remote_code is (name == "deepseek_moe")
