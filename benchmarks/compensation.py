@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     import compressor  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compressor.export.exporter import ExportOptions, export_checkpoint
+    from compressor.export.exporter import ExportOptions, FitOptions, RunOptions, export_checkpoint
     from compressor.planning import PlanOptions, make_plan
     from compressor.profiling.runner import ProfileOptions, profile_model
     from compressor.validation.perplexity import perplexity
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             out = Path(tmp) / mode
             export_checkpoint(str(args.model), plan, out, ExportOptions(
-                compensation=mode, calibration={t: f"demo:{t}" for t in targets},
-                max_tokens=args.calibration_tokens, seq_len=256, progress=False))
+                compensation=mode, run=RunOptions(seq_len=256, progress=False),
+                fit=FitOptions(calibration={t: f"demo:{t}" for t in targets}, max_tokens=args.calibration_tokens)))
             seconds[mode] = time.perf_counter() - start
             rows[f"{args.keep}/64 experts, top-1, {mode}"] = evaluate(out)
 

@@ -50,7 +50,7 @@ def servable_copy(path: Path, scratch: Path) -> Path:
 
 def stand_in(original: Path, scratch: Path) -> Path:
     """The demo plan's structure without its fitting: the first 32 of 64 experts per layer, top-1, renorm."""
-    from compressor.export.exporter import ExportOptions, export_checkpoint
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions, export_checkpoint
     from compressor.families import detect_family
     from compressor.io import CheckpointReader
     from compressor.planning import Plan
@@ -66,7 +66,8 @@ def stand_in(original: Path, scratch: Path) -> Path:
     plan = Plan(model=identity, top_k=1, compensation="renorm",
                 layers={str(l): {"keep": list(range(family.num_experts(config, l) // 2))} for l in layers})
     out = scratch / "compressed-stand-in"
-    export_checkpoint(str(original), plan, out, ExportOptions(compensation="renorm", validate=False, progress=False))
+    export_checkpoint(str(original), plan, out, ExportOptions(
+        compensation="renorm", run=RunOptions(progress=False), validation=ExportValidation(enabled=False)))
     return out
 
 

@@ -167,19 +167,21 @@ def _plan_options(recipe: Recipe):
 
 
 def _export_options(recipe: Recipe):
-    from compressor.export.exporter import ExportOptions, parse_size
+    from compressor.export.exporter import (
+        DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, parse_size,
+    )
 
     e, validate = recipe.export, recipe.validate_
     return ExportOptions(
-        compensation=e.compensation, calibration=e.calibration, max_shard_bytes=parse_size(e.max_shard_size),
-        overwrite=True, revision=recipe.revision, device=recipe.device, dtype=recipe.dtype,
-        max_tokens=e.max_tokens, seq_len=e.seq_len, batch_size=e.batch_size, distill_steps=e.distill_steps,
-        distill_router=e.distill_router, distill_e2e_steps=e.distill_e2e_steps, distill_e2e_lr=e.distill_e2e_lr,
-        validate=validate is not None,
-        validation_data=validate.domains if validate else {},
-        validation_tokens=validate.max_tokens if validate else 16384,
-        max_ppl_increase=validate.max_ppl_increase if validate else None,
-        min_cosine=validate.min_cosine if validate else None)
+        compensation=e.compensation, max_shard_bytes=parse_size(e.max_shard_size), overwrite=True,
+        revision=recipe.revision,
+        run=RunOptions(device=recipe.device, dtype=recipe.dtype, seq_len=e.seq_len, batch_size=e.batch_size),
+        fit=FitOptions(calibration=e.calibration, max_tokens=e.max_tokens,
+                       distill=DistillOptions(steps=e.distill_steps, router=e.distill_router,
+                                              e2e_steps=e.distill_e2e_steps, e2e_lr=e.distill_e2e_lr)),
+        validation=ExportValidation() if validate is None else ExportValidation(
+            data=validate.domains, max_tokens=validate.max_tokens, max_ppl_increase=validate.max_ppl_increase,
+            min_cosine=validate.min_cosine))
 
 
 def _at(key: str, check, *args, **kwargs):
@@ -291,7 +293,7 @@ class _State:
 def run_recipe(recipe: Recipe, echo=print) -> dict:
     """Run every stage (skipping up-to-date ones); returns artifact paths and whether validation passed."""
     from compressor import __version__
-    from compressor.export.exporter import export_checkpoint, validate_export
+    from compressor.export.exporter import ExportValidation, export_checkpoint, validate_export
     from compressor.io.resolve import resolve_model
     from compressor.planning import Plan, make_plan
     from compressor.profiling import Profile, ProfileOptions, profile_model
@@ -330,7 +332,7 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     e = recipe.export
     validate_options = _export_options(recipe)
     # validation is a stage of its own (a threshold change re-validates without re-exporting)
-    export_options = replace(validate_options, validate=False, max_ppl_increase=None, min_cosine=None)
+    export_options = replace(validate_options, validation=ExportValidation(enabled=False))
     digest = _digest(__version__, model_digest, _file_digest(artifacts["plan"]), e.model_dump(), recipe.dtype)
     if state.fresh("export", digest, artifacts["model"]):
         echo(f"export: up to date ({artifacts['model']})")

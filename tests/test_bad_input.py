@@ -37,7 +37,7 @@ class World:
 def world(tmp_path_factory) -> World:
     import random
 
-    from compressor.export.exporter import ExportOptions, export_checkpoint
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions, export_checkpoint
     from compressor.planning import PlanOptions, make_plan
     from compressor.profiling import ProfileOptions, profile_model
 
@@ -52,7 +52,7 @@ def world(tmp_path_factory) -> World:
     profile.save(root / "profile.json")
     plan = make_plan(profile, PlanOptions(keep=4, top_k=1, compensation="none"))
     plan.save(root / "plan.json")
-    export_checkpoint(str(model), plan, root / "out", ExportOptions(validate=False, device="cpu", progress=False))
+    export_checkpoint(str(model), plan, root / "out", ExportOptions(run=RunOptions(device="cpu", progress=False), validation=ExportValidation(enabled=False)))
     (root / "afile").write_text("a regular file\n")
     return World(root, model, other, data, root / "profile.json", root / "plan.json", root / "out", root / "afile")
 

@@ -14,7 +14,7 @@ import torch
 import compressor  # noqa: F401
 from compressor.data.batching import token_sequences
 from compressor.data.sources import load_source
-from compressor.export.exporter import ExportOptions, export_checkpoint
+from compressor.export.exporter import DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, export_checkpoint
 from compressor.planning import PlanOptions, make_plan
 from compressor.profiling.runner import ProfileOptions, profile_model
 from compressor.validation.perplexity import perplexity
@@ -49,14 +49,16 @@ def results(tmp_path_factory):
     for mode in MODES:
         out = root / mode
         export_checkpoint(str(REFERENCE), plan, out, ExportOptions(
-            compensation=mode, calibration={d: f"demo:{d}" for d in TARGETS}, max_tokens=16384, seq_len=256,
-            distill_steps=150, progress=False, validate=False))
+            compensation=mode, run=RunOptions(seq_len=256, progress=False), validation=ExportValidation(enabled=False),
+            fit=FitOptions(calibration={d: f"demo:{d}" for d in TARGETS}, max_tokens=16384,
+                           distill=DistillOptions(steps=150))))
         table[mode] = evaluate(out)
     # the demo's kind of settings, scaled down: router rows, more calibration text (train split), end to end
     out = root / "distill-e2e"
     export_checkpoint(str(REFERENCE), plan, out, ExportOptions(
-        compensation="distill", calibration={d: f"demo:{d}@train" for d in TARGETS}, max_tokens=65536,
-        seq_len=256, distill_steps=150, distill_router=True, distill_e2e_steps=80, progress=False, validate=False))
+        compensation="distill", run=RunOptions(seq_len=256, progress=False), validation=ExportValidation(enabled=False),
+        fit=FitOptions(calibration={d: f"demo:{d}@train" for d in TARGETS}, max_tokens=65536,
+                       distill=DistillOptions(steps=150, router=True, e2e_steps=80))))
     table["distill-e2e"] = evaluate(out)
     return table
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import compressor
 from compressor.errors import UserError
 from compressor.export import ExportOptions, export_checkpoint
+from compressor.export.exporter import ExportValidation, FitOptions, RunOptions
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
 from compressor.planning import Plan
 from compressor.profiling.schema import config_hash
@@ -145,8 +146,11 @@ def write_plan(path: Path, source: Path, keep: dict, top_k: int, compensation: s
     return path
 
 
-def quiet(**changes) -> ExportOptions:
-    return ExportOptions(**{"validate": False, "progress": False, **changes})
+def quiet(calibration=None, device="auto", batch_size=8, **changes) -> ExportOptions:
+    """Options for an export without validation or progress bars (fitting on `calibration` when given)."""
+    return ExportOptions(run=RunOptions(device=device, batch_size=batch_size, progress=False),
+                         fit=FitOptions(calibration=calibration or {}),
+                         validation=ExportValidation(enabled=False), **changes)
 
 
 def leftovers(parent: Path) -> list[str]:

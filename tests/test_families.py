@@ -1,8 +1,7 @@
 """compressor.families: family detection, tensor naming, pruned configs and in-memory layouts."""
 
 import copy
-import json
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 

@@ -38,7 +38,7 @@ HIDDEN = (".moe-compress-partial.tmp", "plots/.scratch.png", ".cache/huggingface
 def exported(tmp_path_factory):
     """(source dir, plan path, OUT) for a tiny random DeepSeekMoE pruned 8 -> 4 experts, exported unvalidated."""
     from compressor.export import export_checkpoint
-    from compressor.export.exporter import ExportOptions
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions
     from compressor.families import detect_family
     from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
     from compressor.planning import Plan
@@ -57,7 +57,7 @@ def exported(tmp_path_factory):
     plan = Plan.model_validate({"model": identity, "top_k": 2, "compensation": "renorm",
                                 "layers": {str(layer): {"keep": [0, 3, 5, 6]} for layer in family.moe_layers(config)}})
     (root / "plan.json").write_text(plan.model_dump_json(indent=1, exclude_none=True))
-    export_checkpoint(str(root / "source"), plan, root / "out", ExportOptions(validate=False, progress=False))
+    export_checkpoint(str(root / "source"), plan, root / "out", ExportOptions(run=RunOptions(progress=False), validation=ExportValidation(enabled=False)))
     return root / "source", root / "plan.json", root / "out"
 
 

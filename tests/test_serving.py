@@ -22,7 +22,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from compressor.export.exporter import ExportOptions, export_checkpoint
+from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions, export_checkpoint
 from compressor.families import detect_family
 from compressor.io import CheckpointReader
 from compressor.planning import Plan
@@ -57,8 +57,8 @@ def hand_plan(source: Path, keep: dict[int, list[int]] | list[int], top_k: int, 
 
 
 def export(source: Path, out: Path, plan: Plan) -> Path:
-    export_checkpoint(str(source), plan, out, ExportOptions(compensation=plan.compensation, validate=False,
-                                                            progress=False))
+    export_checkpoint(str(source), plan, out, ExportOptions(
+        compensation=plan.compensation, run=RunOptions(progress=False), validation=ExportValidation(enabled=False)))
     return out
 
 

@@ -80,11 +80,12 @@ def plan_path(root, source) -> Path:
 def pruned(root, source, plan_path) -> Path:
     """The source pruned to experts KEEP in every MoE layer, top-1, compensation none, not validated."""
     from compressor.export import export_checkpoint
-    from compressor.export.exporter import ExportOptions
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions
     from compressor.planning import Plan
 
     export_checkpoint(str(source), Plan.load(plan_path), root / "pruned",
-                      ExportOptions(compensation="none", validate=False, progress=False, device="cpu"))
+                      ExportOptions(compensation="none", run=RunOptions(device="cpu", progress=False),
+                                    validation=ExportValidation(enabled=False)))
     return root / "pruned"
 
 
@@ -390,14 +391,14 @@ def test_cli_bad_input(case, source, pruned, unrelated, data, root, tmp_path, ca
 
 def test_export_validates_its_output(source, plan_path, data, report, tmp_path):
     from compressor.export import export_checkpoint
-    from compressor.export.exporter import ExportOptions
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions
     from compressor.planning import Plan
 
     out = tmp_path / "out"
     result = export_checkpoint(str(source), Plan.load(plan_path), out, ExportOptions(
-        compensation="none", validate=True, validation_data={k: str(v) for k, v in data.items()},
-        validation_tokens=10_000, seq_len=SEQ_LEN, batch_size=BATCH, device="cpu", progress=False,
-        max_ppl_increase=10.0))
+        compensation="none", run=RunOptions(seq_len=SEQ_LEN, batch_size=BATCH, device="cpu", progress=False),
+        validation=ExportValidation(data={k: str(v) for k, v in data.items()}, max_tokens=10_000,
+                                    max_ppl_increase=10.0)))
     saved = ValidationReport.load(out / "validation.json")
     assert result.validation == saved and saved.passed
     assert saved.compressed.source == str(out) and saved.original.source == str(source)
@@ -417,24 +418,25 @@ def test_export_validates_its_output(source, plan_path, data, report, tmp_path):
 
 
 def test_export_validation_sources_never_reuse_calibration_data():
-    from compressor.export.exporter import ExportOptions, validation_sources
+    from compressor.export.exporter import ExportOptions, ExportValidation, FitOptions, validation_sources
 
     calibration = {"code": "demo:code", "math": "demo:math@calibration", "mine": "/data/mine.jsonl"}
-    assert validation_sources(ExportOptions(calibration=calibration)) == {
+    assert validation_sources(ExportOptions(fit=FitOptions(calibration=calibration))) == {
         "code": "demo:code@evaluation", "math": "demo:math@evaluation"}
-    assert validation_sources(ExportOptions(calibration=calibration, validation_data={"x": "x.jsonl"})) == {
+    assert validation_sources(ExportOptions(fit=FitOptions(calibration=calibration),
+                                            validation=ExportValidation(data={"x": "x.jsonl"}))) == {
         "x": "x.jsonl"}
     assert validation_sources(ExportOptions()) == {}
 
 
 def test_export_without_held_out_data_is_not_validated(source, plan_path, tmp_path):
     from compressor.export import export_checkpoint
-    from compressor.export.exporter import ExportOptions
+    from compressor.export.exporter import ExportOptions, RunOptions
     from compressor.planning import Plan
 
     out = tmp_path / "out"
     result = export_checkpoint(str(source), Plan.load(plan_path), out,
-                               ExportOptions(compensation="none", progress=False, device="cpu"))
+                               ExportOptions(compensation="none", run=RunOptions(device="cpu", progress=False)))
     assert result.validation is None
     assert not (out / "validation.json").exists() and not (out / "plots").exists()
     assert "Not validated" in (out / "README.md").read_text()
@@ -573,7 +575,7 @@ def test_card_names_targets_warns_off_target_and_shows_the_tokenizer(source, dat
     from huggingface_hub import ModelCard
 
     from compressor.export import export_checkpoint
-    from compressor.export.exporter import ExportOptions
+    from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions
     from compressor.planning import PlanOptions
     from compressor.planning import make_plan as plan_from_profile
     from compressor.profiling import ProfileOptions, profile_model
@@ -588,8 +590,8 @@ def test_card_names_targets_warns_off_target_and_shows_the_tokenizer(source, dat
     plan = plan_from_profile(profile, PlanOptions(keep=4, domains={"alpha": 1}, compensation="none"))
     out = tmp_path / "model"
     export_checkpoint(str(licensed), plan, out, ExportOptions(
-        validate=True, validation_data={k: str(v) for k, v in data.items()}, seq_len=SEQ_LEN, device="cpu",
-        progress=False))
+        run=RunOptions(seq_len=SEQ_LEN, device="cpu", progress=False),
+        validation=ExportValidation(data={k: str(v) for k, v in data.items()})))
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "apache-2.0"
     text = (out / "README.md").read_text()

@@ -8,7 +8,9 @@ from pathlib import Path
 import click
 
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
-from compressor.export.exporter import COMPENSATIONS, ExportOptions, export_checkpoint, parse_size
+from compressor.export.exporter import (
+    COMPENSATIONS, DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, export_checkpoint, parse_size,
+)
 from compressor.validation.runner import parse_ppl_gate
 
 
@@ -54,14 +56,14 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
         check_push_ready(push_to_hub)
     plan = Plan.load(plan_path)
     options = ExportOptions(
-        compensation=compensation,
-        calibration=parse_named_sources(calibration) if calibration else {},
-        max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision, device=device,
-        dtype=dtype, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, distill_steps=distill_steps,
-        distill_router=distill_router, distill_e2e_steps=distill_e2e_steps, distill_e2e_lr=distill_e2e_lr,
-        validate=not no_validate,
-        validation_data=parse_named_sources(validate_on) if validate_on else {},
-        max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
+        compensation=compensation, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
+        run=RunOptions(device=device, dtype=dtype, seq_len=seq_len, batch_size=batch_size),
+        fit=FitOptions(calibration=parse_named_sources(calibration) if calibration else {}, max_tokens=max_tokens,
+                       distill=DistillOptions(steps=distill_steps, router=distill_router, e2e_steps=distill_e2e_steps,
+                                              e2e_lr=distill_e2e_lr)),
+        validation=ExportValidation(enabled=not no_validate,
+                                    data=parse_named_sources(validate_on) if validate_on else {},
+                                    max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine),
     )
     result = export_checkpoint(model, plan, output, options)
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "

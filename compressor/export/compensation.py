@@ -65,16 +65,16 @@ class FittedTensors:
         return tensor
 
 
-def _calibration_sequences(reader, options, config):
+def _calibration_sequences(reader, fit, run, config):
     """Calibration token sequences of every domain (an equal share of `max_tokens` each) and the pad id."""
     tokenizer = None
-    loaded = {name: load_source(spec, default_split="calibration") for name, spec in options.calibration.items()}
+    loaded = {name: load_source(spec, default_split="calibration") for name, spec in fit.calibration.items()}
     if any(not source.pretokenized for source in loaded.values()):
         tokenizer = load_tokenizer(Path(reader.path))
     sequences = []
-    per_domain = max(1, options.max_tokens // len(loaded))
+    per_domain = max(1, fit.max_tokens // len(loaded))
     for name, source in loaded.items():
-        domain_sequences = token_sequences(source, tokenizer, options.seq_len, per_domain)
+        domain_sequences = token_sequences(source, tokenizer, run.seq_len, per_domain)
         if not domain_sequences:
             raise UserError(f"calibration domain {name!r} has no tokens")
         sequences += domain_sequences
@@ -101,12 +101,13 @@ def pruned_models(source, new_config: dict, mapping, output_names: list[str], de
     return original, pruned, pruned_layout
 
 
-def fit_compensation(source, new_config, mapping, output_names, mode, options, scratch: Path):
-    """Fit `mode` on the calibration sources; returns (FittedTensors by output name, per-layer report)."""
-    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
+def fit_compensation(source, new_config, mapping, output_names, mode, fit, run, scratch: Path):
+    """Fit `mode` on the calibration sources (`fit`: FitOptions, `run`: RunOptions); returns (FittedTensors by
+    output name, per-layer report)."""
+    device, dtype = resolve_device(run.device), resolve_dtype(run.dtype)
     family = source.family
-    sequences, pad = _calibration_sequences(source.reader, options, source.config)
-    work = list(batches(sequences, options.batch_size, pad))
+    sequences, pad = _calibration_sequences(source.reader, fit, run, source.config)
+    work = list(batches(sequences, run.batch_size, pad))
     original, pruned, pruned_layout = pruned_models(source, new_config, mapping, output_names, device, dtype)
     fitted = FittedTensors(scratch)
     report = {"mode": mode, "calibration_tokens": sum(b.tokens for b in work), "layers": {}}
@@ -116,19 +117,19 @@ def fit_compensation(source, new_config, mapping, output_names, mode, options, s
     def visit(step):
         targets = [step.run(0, b) for b in range(len(work))]
         if step.layer in moe_layers:
-            tensors, layer_report = _fit_layer(pruned, pruned_layout, step, targets, mode, options)
+            tensors, layer_report = _fit_layer(pruned, pruned_layout, step, targets, mode, fit.distill)
             fitted.add_layer(step.layer, tensors)
             report["layers"][str(step.layer)] = layer_report
         for b, target in enumerate(targets):
             step.set_output(0, b, target)
 
     stores = run_layer_by_layer([original, pruned], work, visit=visit, desc=f"compensation ({mode})",
-                                progress=options.progress)
+                                progress=run.progress)
     for store in stores:
         store.close()
-    if mode == "distill" and options.distill_e2e_steps:
+    if mode == "distill" and fit.distill.e2e_steps:
         report["end_to_end"] = _distill_end_to_end(source, new_config, mapping, output_names, fitted, sequences,
-                                                   pad, options, device, dtype)
+                                                   pad, fit.distill, run, device, dtype)
     report["seconds"] = time.perf_counter() - started
     return fitted, report
 
@@ -168,7 +169,7 @@ def _block_output(block: MoEBlock, x: torch.Tensor):
     return routed, 0 if shared is None else shared.float(), routing, outputs
 
 
-def _fit_layer(pruned, pruned_layout, step, targets, mode, options):
+def _fit_layer(pruned, pruned_layout, step, targets, mode, distill):
     x, wanted = _moe_problem(pruned, step, targets)
     block = MoEBlock(pruned.family, pruned.config, step.layer, step.modules[1])
     with torch.no_grad():
@@ -179,7 +180,7 @@ def _fit_layer(pruned, pruned_layout, step, targets, mode, options):
     elif mode == "refit":
         _fit_refit(block, x, routing, outputs, wanted - shared)
     elif mode == "distill":
-        _fit_distill(block, x, wanted, options)
+        _fit_distill(block, x, wanted, distill)
     else:
         raise ValueError(mode)
     with torch.no_grad():
@@ -187,7 +188,7 @@ def _fit_layer(pruned, pruned_layout, step, targets, mode, options):
     after = _relative_error(routed + shared, wanted)
     trained = block.routed_parameters()
     if mode == "distill":
-        trained += block.shared_parameters() + (block.router_parameters() if options.distill_router else [])
+        trained += block.shared_parameters() + (block.router_parameters() if distill.router else [])
     tensors = _disk_tensors(pruned, pruned_layout, step.layer, step.modules[1], trained)
     return tensors, {"relative_error_before": before, "relative_error_after": after, "tokens": int(x.shape[0])}
 
@@ -249,20 +250,20 @@ def _fit_refit(block: MoEBlock, x, routing, outputs, target):
             views.down.copy_(solution.T.to(views.down.dtype))
 
 
-def _fit_distill(block: MoEBlock, x, wanted, options):
-    """Adam on the kept experts and shared experts (and the router with distill_router)."""
+def _fit_distill(block: MoEBlock, x, wanted, distill):
+    """Adam on the kept experts and shared experts (and the router with `distill.router`)."""
     parameters = block.routed_parameters() + block.shared_parameters()
-    if options.distill_router:
+    if distill.router:
         parameters += block.router_parameters()
     originals = [p.dtype for p in parameters]
     for p in parameters:
         p.data = p.data.float()
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(parameters, lr=options.distill_lr)
+    optimizer = torch.optim.Adam(parameters, lr=distill.lr)
     generator = torch.Generator(device=x.device).manual_seed(0)
     scale = wanted.pow(2).mean().clamp_min(1e-30)
-    batch = min(options.distill_batch_tokens, x.shape[0])
-    steps = options.distill_steps
+    batch = min(distill.batch_tokens, x.shape[0])
+    steps = distill.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for _ in range(steps):
         pick = torch.randint(0, x.shape[0], (batch,), generator=generator, device=x.device)
@@ -308,7 +309,8 @@ class _WholeModel:
         return self.head(hidden).float()
 
 
-def _distill_end_to_end(source, new_config, mapping, output_names, fitted, sequences, pad, options, device, dtype):
+def _distill_end_to_end(source, new_config, mapping, output_names, fitted, sequences, pad, distill, run, device,
+                        dtype):
     """Train the layer-wise distilled MoE tensors further on KL(original || pruned) of next-token distributions.
 
     Trains every decoder layer's MLP: kept and shared experts, the router with distill_router, and the MLPs of
@@ -332,21 +334,21 @@ def _distill_end_to_end(source, new_config, mapping, output_names, fitted, seque
     for layer, module in enumerate(student.layers):
         mlp = getattr(module, family.block_attr)
         frozen = set()
-        if layer in moe_layers and not options.distill_router:
+        if layer in moe_layers and not distill.router:
             frozen = {id(p) for p in MoEBlock(family, new_config, layer, module).router_parameters()}
         for parameter in mlp.parameters():
             if id(parameter) not in frozen:
                 parameter.requires_grad_(True)
                 trained.setdefault(layer, []).append(parameter)
-    steps = options.distill_e2e_steps
+    steps = distill.e2e_steps
     warmup = max(1, steps // 10)
-    optimizer = torch.optim.Adam([p for ps in trained.values() for p in ps], lr=options.distill_e2e_lr)
+    optimizer = torch.optim.Adam([p for ps in trained.values() for p in ps], lr=distill.e2e_lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    rows = max(1, options.distill_batch_tokens // options.seq_len)
+    rows = max(1, distill.batch_tokens // run.seq_len)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    bar = tqdm(total=steps, desc="compensation (end-to-end)", unit="step", disable=not options.progress,
+    bar = tqdm(total=steps, desc="compensation (end-to-end)", unit="step", disable=not run.progress,
                dynamic_ncols=True)
     for _ in range(steps):
         pick = torch.randint(0, len(sequences), (rows,), generator=generator).tolist()
@@ -370,6 +372,6 @@ def _distill_end_to_end(source, new_config, mapping, output_names, fitted, seque
             p.data = p.data.to(dtype)
         fitted.add_layer(layer, _disk_tensors(pruned, pruned_layout, layer, student.layers[layer], parameters))
     tail = max(1, steps // 10)
-    return {"steps": steps, "lr": options.distill_e2e_lr, "sequences_per_step": rows,
+    return {"steps": steps, "lr": distill.e2e_lr, "sequences_per_step": rows,
             "kl_first": sum(losses[:tail]) / tail, "kl_last": sum(losses[-tail:]) / tail,
             "seconds": time.perf_counter() - started}

@@ -9,7 +9,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from compressor import __version__
@@ -29,29 +28,57 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 @dataclass
+class RunOptions:
+    """How models run during an export (fitting and validation)."""
+
+    device: str = "auto"
+    dtype: str = "float32"  # compute dtype
+    seq_len: int = 512
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
+class DistillOptions:
+    steps: int = 300  # Adam steps per MoE layer (layer-wise pass)
+    lr: float = 1e-3
+    batch_tokens: int = 4096
+    router: bool = False  # also train the router
+    e2e_steps: int = 0  # > 0: end-to-end distillation after the layer-wise pass (the model must fit)
+    e2e_lr: float = 4e-4
+
+
+@dataclass
+class FitOptions:
+    """Fitted compensation (scale, refit, distill): calibration data and distillation settings."""
+
+    calibration: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE
+    max_tokens: int = 32768  # calibration tokens in all
+    distill: DistillOptions = field(default_factory=DistillOptions)
+
+
+@dataclass
+class ExportValidation:
+    """The validation at the end of an export, and its gates."""
+
+    enabled: bool = True
+    data: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE; default: calibration's held-out split
+    max_tokens: int = 16384
+    max_ppl_increase: float | dict[str, float] | None = None  # per domain when a dict
+    min_cosine: float | None = None
+
+
+@dataclass
 class ExportOptions:
+    """What an export does, grouped by concern; the rewrite itself takes the top-level fields."""
+
     compensation: str | None = None  # None: the plan's
-    calibration: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE, for fitted modes
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     revision: str | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-    max_tokens: int = 32768
-    seq_len: int = 512
-    batch_size: int = 8
-    distill_steps: int = 300
-    distill_lr: float = 1e-3
-    distill_batch_tokens: int = 4096
-    distill_router: bool = False
-    distill_e2e_steps: int = 0  # > 0: end-to-end distillation after the layer-wise pass (model must fit)
-    distill_e2e_lr: float = 4e-4
-    validate: bool = True
-    validation_data: dict[str, str] = field(default_factory=dict)  # NAME -> SOURCE; default: calibration's held-out
-    validation_tokens: int = 16384
-    max_ppl_increase: float | dict[str, float] | None = None  # per domain when a dict
-    min_cosine: float | None = None
-    progress: bool = True
+    run: RunOptions = field(default_factory=RunOptions)
+    fit: FitOptions = field(default_factory=FitOptions)
+    validation: ExportValidation = field(default_factory=ExportValidation)
 
 
 @dataclass
@@ -115,21 +142,21 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k)
     new_config.update(family.compensation_config(config, compensation))
-    if compensation in FITTED_COMPENSATIONS and not options.calibration:
+    if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)
     plan = plan.model_copy(update={"compensation": compensation})  # the output's plan says what was done
-    if options.distill_e2e_steps and compensation != "distill":
+    if options.fit.distill.e2e_steps and compensation != "distill":
         raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
     mapping = TensorMapping(source.layout, kept)
     outputs = mapping.plan(reader)
     parameters = sum(math.prod(o.spec.shape) for o in outputs)
-    if options.distill_e2e_steps:
+    if options.fit.distill.e2e_steps:
         from compressor.export.compensation import check_end_to_end_memory
         from compressor.runtime import resolve_device, resolve_dtype
 
-        check_end_to_end_memory(reader.total_parameters, parameters, resolve_device(options.device),
-                                resolve_dtype(options.dtype))
+        check_end_to_end_memory(reader.total_parameters, parameters, resolve_device(options.run.device),
+                                resolve_dtype(options.run.dtype))
 
     with atomic_directory(output, options.overwrite) as staging:
         fitted, fit_report = {}, {}
@@ -139,13 +166,13 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             scratch = staging / ".fit-scratch"  # inside the staging folder: it goes wherever the staging goes
             scratch.mkdir()
             fitted, fit_report = fit_compensation(source, new_config, mapping, [o.name for o in outputs],
-                                                  compensation, options, scratch)
+                                                  compensation, options.fit, options.run, scratch)
         total = sum(o.spec.nbytes for o in outputs)
         writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
                                        metadata={"format": "pt"}, index=None)
         try:
             with tqdm(total=total, desc="export", unit="B", unit_scale=True, unit_divisor=1024,
-                      disable=not options.progress, dynamic_ncols=True) as bar:
+                      disable=not options.run.progress, dynamic_ncols=True) as bar:
                 for out in outputs:
                     if out.name in fitted:
                         writer.write(out.name, fitted.pop(out.name).to(out.spec.dtype).contiguous())
@@ -172,13 +199,13 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             "source_revision": revision,
             "plan_hash": plan.content_hash(),
             "compensation": compensation,
-            "calibration": options.calibration,
+            "calibration": options.fit.calibration,
             "fit": fit_report,
-            "settings": {"max_shard_bytes": options.max_shard_bytes, "dtype": options.dtype,
-                         "max_tokens": options.max_tokens, "seq_len": options.seq_len,
-                         **({"distill_steps": options.distill_steps, "distill_router": options.distill_router,
-                             "distill_e2e_steps": options.distill_e2e_steps, "distill_e2e_lr": options.distill_e2e_lr}
-                            if compensation == "distill" else {})},
+            "settings": {"max_shard_bytes": options.max_shard_bytes, "dtype": options.run.dtype,
+                         "max_tokens": options.fit.max_tokens, "seq_len": options.run.seq_len,
+                         **({"distill_steps": options.fit.distill.steps, "distill_router": options.fit.distill.router,
+                             "distill_e2e_steps": options.fit.distill.e2e_steps,
+                             "distill_e2e_lr": options.fit.distill.e2e_lr} if compensation == "distill" else {})},
             "tensors": len(outputs),
             "bytes": total,
             "parameters": parameters,
@@ -188,7 +215,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         if compensation in FITTED_COMPENSATIONS:
             shutil.rmtree(staging / ".fit-scratch")
-        report = _validate_output(model, source_dir, staging, options, output) if options.validate else None
+        report = _validate_output(model, source_dir, staging, options, output) if options.validation.enabled else None
         from compressor.export.card import write_basic_card
 
         write_basic_card(staging, str(output), family, config, plan, provenance, report, source_dir)
@@ -198,14 +225,14 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
 
 def check_gates_can_run(options: ExportOptions) -> None:
     """A validation gate that was asked for must run: refuse (before any work) gates without held-out data."""
-    gated = options.max_ppl_increase is not None or options.min_cosine is not None
-    if not gated:
+    gates = options.validation
+    if gates.max_ppl_increase is None and gates.min_cosine is None:
         return
     from compressor.validation.runner import check_cosine_gate, check_ppl_gate
 
-    check_ppl_gate(options.max_ppl_increase)
-    check_cosine_gate(options.min_cosine)
-    if not options.validate:
+    check_ppl_gate(gates.max_ppl_increase)
+    check_cosine_gate(gates.min_cosine)
+    if not gates.enabled:
         raise UserError("validation gates (--max-ppl-increase / --min-cosine) were given with --no-validate; "
                         "drop one or the other")
     if not validation_sources(options):
@@ -216,10 +243,10 @@ def check_gates_can_run(options: ExportOptions) -> None:
 def validation_sources(options: ExportOptions) -> dict[str, str]:
     """Held-out data for the automatic validation: --validate-on, else the evaluation split of demo
     calibration domains (calibration never overlaps evaluation)."""
-    if options.validation_data:
-        return dict(options.validation_data)
+    if options.validation.data:
+        return dict(options.validation.data)
     held_out = {}
-    for name, spec in options.calibration.items():
+    for name, spec in options.fit.calibration.items():
         if spec.startswith("demo:"):
             held_out[name] = spec.partition("@")[0] + "@evaluation"
     return held_out
@@ -248,9 +275,10 @@ def _validate_output(model: str, source_dir: Path, directory: Path, options: Exp
         return None
     report = validate_models(
         str(source_dir), str(directory), sources,
-        ValidateOptions(max_tokens=options.validation_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
-                        dtype=options.dtype, device=options.device, max_ppl_increase=options.max_ppl_increase,
-                        min_cosine=options.min_cosine, progress=options.progress),
+        ValidateOptions(max_tokens=options.validation.max_tokens, seq_len=options.run.seq_len,
+                        batch_size=options.run.batch_size, dtype=options.run.dtype, device=options.run.device,
+                        max_ppl_increase=options.validation.max_ppl_increase, min_cosine=options.validation.min_cosine,
+                        progress=options.run.progress),
     )
     report = report.model_copy(update={
         "original": report.original.model_copy(update={"source": model}),

@@ -1,7 +1,7 @@
 """Serving compressed outputs with vLLM.
 
-- `check_servable(OUT)`: static checks (uniform expert counts, the shipped configuration file for model_type
-  ``deepseek``, routing that means the same in vLLM and transformers); UserError naming the problem and fix.
+- `check_servable(OUT)`: static checks (uniform expert counts, the shipped files the family needs, routing that
+  means the same in vLLM and transformers, as the family adapter says); UserError naming the problem and fix.
 - `find_vllm_python()`: the interpreter that has vLLM (vLLM lives in its own venv, see scripts/setup_vllm.sh).
 - `run_vllm(python, request)`: runs ``vllm_runner.py`` (self-contained, executed by that interpreter) and returns
   what vLLM produced: prompt logprobs, generated tokens, throughput.

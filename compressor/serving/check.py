@@ -188,7 +188,7 @@ def transformers_logprob_diff(directory: Path, prompts: list[list[int]], vllm_ro
     import torch
     from transformers import AutoModelForCausalLM
 
-    import compressor  # noqa: F401  registers our DeepSeekMoE for model_type deepseek
+    import compressor  # noqa: F401  registers moe-compress's own model classes with the Auto classes
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     worst, compared = 0.0, 0
