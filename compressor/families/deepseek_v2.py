@@ -26,6 +26,9 @@ class DeepseekV2Family(FamilyAdapter):
     # those); without the custom op vLLM uses its native PyTorch rotary embedding
     vllm_cpu_workaround = ('{"custom_ops": ["all", "-rotary_embedding"]}',
                            "vLLM's CPU rotary-embedding kernel is wrong for DeepSeek-V2's per-head rope (vllm-cpu 0.32)")
+    # on CPUs with AMX, vllm-cpu 0.32 picks its AMX MLA kernel, which takes bf16 weights only; the reference CPU MLA
+    # backend (what CPUs without AMX get anyway) runs every dtype
+    vllm_cpu_engine_args = {"attention_backend": "CPU_MLA"}
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         freq = config.get("moe_layer_freq", 1)

@@ -96,7 +96,7 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
     return ServingInfo(
         directory=directory, family=family.name, model_type=str(config.get("model_type")), moe_layers=len(moe),
         experts=counts[0] if counts else 0, top_k=router.top_k, renormalize=router.renormalize,
-        trust_remote_code=bool(auto_map) and family.vllm_reads_shipped_config, notes=notes,
+        trust_remote_code=bool(auto_map and family.vllm_reads_shipped_config), notes=notes,
     )
 
 

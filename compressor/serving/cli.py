@@ -68,6 +68,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         "generate_tokens": 8,
         "transformers_compare": compare,
         "compilation_config": compilation,
+        "cpu_engine_args": get_family(info.family).vllm_cpu_engine_args,
     }
     try:
         result = run_vllm(python, request, timeout=timeout)
@@ -106,6 +107,9 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         click.echo("NOT servable as validated: " + "; ".join(failures), err=True)
         sys.exit(1)
     extra = f" --compilation-config '{json.dumps(compilation)}'" if compilation else ""
+    if result.get("platform") == "cpu":
+        extra += "".join(f" --{key.replace('_', '-')} {value}"
+                         for key, value in get_family(info.family).vllm_cpu_engine_args.items())
     click.echo(f"servable: {info.serve_command(result.get('vllm_command_works', True))}{extra}")
 
 

@@ -114,9 +114,12 @@ def run(request: dict) -> dict:
         from vllm.platforms import current_platform
 
         memory = 0.05 if current_platform.is_cpu() else 0.85
+    from vllm.platforms import current_platform
+
     results = []
     for spec in request["models"]:
         compilation = spec.get("compilation_config", request.get("compilation_config"))
+        extra = dict(spec.get("cpu_engine_args", request.get("cpu_engine_args")) or {}) if current_platform.is_cpu() else {}
         start = time.perf_counter()
         llm = LLM(
             model=spec["path"],
@@ -127,6 +130,7 @@ def run(request: dict) -> dict:
             enable_prefix_caching=False,
             enforce_eager=bool(request.get("enforce_eager", True)),
             **({"compilation_config": compilation} if compilation else {}),
+            **extra,
             seed=0,
         )
         entry = {"label": spec.get("label", spec["path"]), "load_seconds": time.perf_counter() - start}
