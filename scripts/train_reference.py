@@ -365,6 +365,9 @@ class Qwen3Moe:
             "The experts are stored per expert (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`), as"
             " Qwen3-30B-A3B ships them;",
             "transformers fuses them into 3-D tensors when it loads the model and splits them again when it saves.",
+            "bos/eos/pad ids are the tokenizer's (0, 1, 1: pad is EOS); with `pad_token_id` 1 transformers keeps the"
+            " input embedding of",
+            "EOS at zero, which costs nothing here: the training streams never feed EOS as input.",
         ]
 
     def readme_training(self, log) -> list[str]:
