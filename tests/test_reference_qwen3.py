@@ -25,6 +25,16 @@ LOG_EVAL_TOKENS = 16384
 NUM_EXPERTS, TOP_K = 128, 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module runs: on a busy machine (or under `pytest -n 2` on 2 cores) two
+    threads made these forwards over 10x slower (96 s against 7 s for the perplexity test); one is steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def config():
     return json.loads((REFERENCE / "config.json").read_text())
