@@ -110,16 +110,27 @@ def test_routing_is_specialised_per_domain(model, tokenizer):
 
 
 @pytest.mark.slow
-def test_training_script_smoke(tmp_path):
+@pytest.mark.parametrize("family", ["deepseek", "qwen3_moe"])
+def test_training_script_smoke(tmp_path, family):
     """CI never retrains: a few steps of the real script on a tiny slice, and the output loads."""
     out = tmp_path / "ref"
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train_reference.py"), "--out", str(out), "--tiny",
-         "--steps", "3", "--max-documents", "5", "--domains", "code,math", "--eval-tokens", "256"],
+         "--steps", "3", "--max-documents", "5", "--domains", "code,math", "--eval-tokens", "256",
+         *(["--family", family] if family != "deepseek" else [])],
         check=True, capture_output=True, text=True,
     )
-    model = DeepseekForCausalLM.from_pretrained(out)
-    assert model.config.n_routed_experts == 64 and model.config.num_experts_per_tok == 6
+    if family == "deepseek":
+        model = DeepseekForCausalLM.from_pretrained(out)
+        assert model.config.n_routed_experts == 64 and model.config.num_experts_per_tok == 6
+    else:
+        from transformers import Qwen3MoeForCausalLM
+
+        model = Qwen3MoeForCausalLM.from_pretrained(out)
+        assert model.config.num_experts == 128 and model.config.num_experts_per_tok == 8
+        assert model.config.norm_topk_prob and model.config.mlp_only_layers == []
+        assert "auto_map" not in json.loads((out / "config.json").read_text())
+        assert (out / "tokenizer.json").read_bytes() == (REFERENCE / "tokenizer.json").read_bytes()
     log = json.loads((out / "training_log.json").read_text())
     assert log["steps"] == 3 and set(log["evaluation"]) == {"code", "math"}
     assert "perplexity" in (out / "README.md").read_text()
