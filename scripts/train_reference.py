@@ -185,11 +185,6 @@ class DeepSeek:
             eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=False,
             architectures=["DeepseekForCausalLM"],
-            auto_map={
-                "AutoConfig": "configuration_deepseek.DeepseekConfig",
-                "AutoModel": "modeling_deepseek.DeepseekModel",
-                "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-            },
         )
 
     def model(self, config):
