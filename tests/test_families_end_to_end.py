@@ -440,3 +440,31 @@ def test_validate_whole_equals_layerwise_and_serve_check_accepts_uniform(checkpo
     info = check_servable(out)
     assert info.family == name and info.experts == 4 and info.top_k == 1
     assert info.trust_remote_code is (name == "deepseek_moe")
+
+
+@pytest.mark.slow
+def test_torchrun_profile_of_a_native_family_equals_one_process(checkpoints, rows, tmp_path):
+    import os
+    import socket
+
+    _, directory = checkpoints["qwen3_moe"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["profile", str(directory), "-d", f"r={rows}", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "compressor", *common, "-o", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "compressor", *common, "-o", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["settings"]["world_size"], b["settings"]["world_size"]) == (1, 2)
+    for layer, stats in a["domains"]["r"]["layers"].items():
+        other = b["domains"]["r"]["layers"][layer]
+        assert stats["selected"] == other["selected"] and stats["top1"] == other["top1"]
+        assert other["gate_mass"] == pytest.approx(stats["gate_mass"], rel=1e-6)

