@@ -54,7 +54,7 @@ def inspect(model, revision):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="directory to write into")
 @click.option("--overwrite", is_flag=True, help="replace an existing report directory")
 def report(files, output, overwrite):
-    """One HTML page (+ PNGs) from PROFILE.json, PLAN.json and/or validation.json; a summary.md per profile."""
+    """One HTML page (+ PNGs and summary.md) from PROFILE.json, PLAN.json, validation.json and/or LENS.json."""
     from compressor.report import write_report
 
     for page in write_report(list(files), output, overwrite):
@@ -66,14 +66,14 @@ def report(files, output, overwrite):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe key, e.g. --set work_dir=/tmp/run --set export.compensation=scale")
 def run(recipe_path, overrides):
-    """Run a recipe: profile -> plan -> export (+ validation) -> push, skipping up-to-date stages."""
+    """Run a recipe: profile (+ lens) -> plan -> export (+ validation) -> push, skipping up-to-date stages."""
     from compressor.recipe import load_recipe, run_recipe
     from compressor.report import write_report
 
     recipe = load_recipe(recipe_path, overrides)
     outcome = run_recipe(recipe, echo=click.echo)
     artifacts = outcome["artifacts"]
-    files = [artifacts["profile"], artifacts["plan"]] + ([artifacts["validation"]] if artifacts["validation"] else [])
+    files = [artifacts[name] for name in ("profile", "lens", "plan", "validation") if artifacts[name]]
     page, *_ = write_report(files, Path(recipe.work_dir) / "report", overwrite=True)
     click.echo(f"report: {page}")
     if artifacts["validation"]:
@@ -90,6 +90,7 @@ _LAZY_COMMANDS = {
     # name: (module:attribute, one-line help) — modules load only when their command runs (`--help` stays fast)
     "data": ("compressor.data.cli:data", "The demo domains: fetch their sources, list them."),
     "export": ("compressor.export.cli:export", "Write MODEL pruned by PLAN.json into OUT, shard by shard."),
+    "lens": ("compressor.lens.cli:lens", "Early decoding: how close the top-1 expert comes to the top-k ensemble."),
     "plan": ("compressor.planning.cli:plan", "Choose the experts to keep from a profile; `plan show` summarises."),
     "profile": ("compressor.profiling.cli:profile", "Record per-domain routing statistics of a model."),
     "push": ("compressor.hub.cli:push", "Upload an exported OUT to the Hugging Face Hub."),

@@ -1,4 +1,4 @@
-"""Recipes: profile -> plan -> export (+ validation) -> push in one command, with every artifact in a work dir.
+"""Recipes: profile (+ lens) -> plan -> export (+ validation) -> push in one command, every artifact in a work dir.
 
 Stages whose inputs have not changed (content hashes of their settings and of the artifacts they read)
 are skipped, so re-running a recipe after changing e.g. `plan.keep_fraction` redoes plan and export, not profile.
@@ -27,6 +27,16 @@ class _Section(BaseModel):
 class ProfileStage(_Section):
     domains: dict[str, str] = Field(description="NAME: SOURCE to profile (demo: sources use the calibration split)")
     max_tokens: PositiveInt = 65536
+    seq_len: int = Field(512, ge=2)
+    batch_size: PositiveInt = 8
+    layerwise: bool = False
+    text_field: str = "text"
+
+
+class LensStage(_Section):
+    domains: dict[str, str] = Field(
+        default_factory=dict, description="NAME: SOURCE (demo: evaluation split); empty: the profile's domains")
+    max_tokens: PositiveInt = 16384
     seq_len: int = Field(512, ge=2)
     batch_size: PositiveInt = 8
     layerwise: bool = False
@@ -81,6 +91,7 @@ class Recipe(_Section):
     device: str = "auto"
     dtype: str = "float32"
     profile: ProfileStage
+    lens: LensStage | None = None
     plan: PlanStage = Field(default_factory=PlanStage)
     export: ExportStage = Field(default_factory=ExportStage)
     validate_: ValidateStage | None = Field(None, alias="validate")
@@ -238,6 +249,8 @@ def check_recipe_runnable(recipe: Recipe) -> None:
         at(f"profile.domains.{name}", check_source, spec, default_split="calibration")
     for name, spec in recipe.export.calibration.items():
         at(f"export.calibration.{name}", check_source, spec, default_split="calibration")
+    for name, spec in _lens_domains(recipe).items():
+        at(f"lens.domains.{name}", check_source, spec, default_split="evaluation")
     if recipe.validate_ is not None:
         for name, spec in recipe.validate_.domains.items():
             at(f"validate.domains.{name}", check_source, spec, default_split="evaluation")
@@ -250,6 +263,12 @@ def check_recipe_runnable(recipe: Recipe) -> None:
     model = Path(recipe.model).expanduser()
     if model.is_dir():
         at("work_dir", check_not_inside, work, [model])
+
+
+def _lens_domains(recipe: Recipe) -> dict[str, str]:
+    if recipe.lens is None:
+        return {}
+    return recipe.lens.domains or recipe.profile.domains
 
 
 def _digest(*parts) -> str:
@@ -304,7 +323,7 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     state = _State(work)
     model_dir, _ = resolve_model(recipe.model, recipe.revision)
     model_digest = _model_digest(model_dir)
-    artifacts = {"profile": work / "profile.json", "plan": work / "plan.json", "model": work / "model"}
+    artifacts = {"profile": work / "profile.json", "lens": None, "plan": work / "plan.json", "model": work / "model"}
 
     digest = _digest(__version__, model_digest, recipe.profile.model_dump(), recipe.dtype)
     if state.fresh("profile", digest, artifacts["profile"]):
@@ -317,6 +336,9 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         profile.save(artifacts["profile"])
         state.record("profile", digest)
         echo(f"profile: wrote {artifacts['profile']}")
+
+    if recipe.lens is not None:
+        artifacts["lens"] = _run_lens(recipe, model_digest, work / "lens.json", state, echo)
 
     digest = _digest(__version__, _file_digest(artifacts["profile"]), recipe.plan.model_dump(),
                      recipe.export.compensation)
@@ -370,3 +392,25 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         echo(f"push: {url}")
     artifacts["validation"] = validation_path if validation_path.exists() else None
     return {"artifacts": artifacts, "passed": passed}
+
+
+def _run_lens(recipe: Recipe, model_digest: str, path: Path, state: _State, echo) -> Path:
+    """The lens of the original model (what top-1 routing costs before anything is pruned)."""
+    from compressor import __version__
+    from compressor.lens import LensOptions, lens_model
+    from compressor.lens.plots import lens_headline
+
+    lens, domains = recipe.lens, _lens_domains(recipe)
+    digest = _digest(__version__, model_digest, lens.model_dump(), domains, recipe.dtype)
+    if state.fresh("lens", digest, path):
+        echo(f"lens: up to date ({path})")
+        return path
+    report = lens_model(recipe.model, domains, LensOptions(
+        max_tokens=lens.max_tokens, seq_len=lens.seq_len, batch_size=lens.batch_size, dtype=recipe.dtype,
+        device=recipe.device, layerwise=lens.layerwise, text_field=lens.text_field, revision=recipe.revision))
+    report.save(path)
+    state.record("lens", digest)
+    echo(f"lens: wrote {path}")
+    for line in lens_headline(report):
+        echo(f"  {line}")
+    return path

@@ -1,4 +1,5 @@
-"""One self-contained HTML page from a profile, a plan and a validation report (any subset), plus the PNGs."""
+"""One self-contained HTML page from a profile, a plan, a validation report and a lens report (any subset), plus
+the PNGs and `summary.md`."""
 
 from __future__ import annotations
 
@@ -11,27 +12,40 @@ from compressor.errors import UserError
 
 
 def load_artifact(path: Path):
-    """A Profile, Plan or ValidationReport, recognised by its content."""
+    """A Profile, Plan, ValidationReport or LensReport, recognised by its content."""
+    from compressor.lens.schema import LensReport
     from compressor.planning import Plan
     from compressor.profiling.schema import Profile
     from compressor.validation.schema import ValidationReport
 
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory; give a profile, plan or validation JSON file")
+        raise UserError(f"{path} is a directory; give a profile, plan, validation or lens JSON file")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not JSON (expected a profile, plan or validation report)") from None
+        raise UserError(f"{path} is not JSON (expected a profile, plan, validation or lens report)") from None
     if isinstance(data, dict) and "compressed" in data:
         return ValidationReport.load(path)
+    if isinstance(data, dict) and _is_lens(data):
+        return LensReport.load(path)
     if isinstance(data, dict) and "domains" in data and "settings" in data:
         return Profile.load(path)
     if isinstance(data, dict) and "layers" in data and "top_k" in data:
         return Plan.load(path)
-    raise UserError(f"{path} is neither a profile, a plan nor a validation report")
+    raise UserError(f"{path} is neither a profile, a plan, a validation report nor a lens report")
+
+
+def _is_lens(data: dict) -> bool:
+    """Lens and profile files both hold domains of layers; only a lens layer has `kl_topk_top1`."""
+    domains = data.get("domains")
+    if not isinstance(domains, dict):
+        return False
+    layers = [layer for d in domains.values() if isinstance(d, dict) and isinstance(d.get("layers"), dict)
+              for layer in d["layers"].values()]
+    return any(isinstance(layer, dict) and "kl_topk_top1" in layer for layer in layers)
 
 
 def _image(path: Path, alt: str) -> str:
@@ -46,7 +60,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def write_report(paths: list[Path], directory: Path, overwrite: bool = False) -> list[Path]:
-    """Write `report.html` (figures embedded), the PNGs and, per profile, `summary.md` into the folder
+    """Write `report.html` (figures embedded), the PNGs and, for profiles and lens reports, `summary.md` into the folder
     `directory`, atomically (an existing one is replaced only with `overwrite`); returns the pages written."""
     from compressor.io.atomic import atomic_directory, check_writable_target
 
@@ -71,17 +85,19 @@ def _check_related(named: list) -> None:
 
 
 def _write_pages(artifacts: list, directory: Path) -> list[Path]:
+    from compressor.lens.plots import lens_headline, lens_rows, lens_summary, write_lens_figures
+    from compressor.lens.schema import LensReport
     from compressor.planning import Plan
-    from compressor.profiling.report import concentration, write_profile_report
+    from compressor.profiling.report import concentration, profile_summary, write_profile_figures
     from compressor.profiling.schema import Profile
     from compressor.validation.plots import write_validation_plots
     from compressor.validation.schema import ValidationReport
 
-    sections, pages = [], []
+    sections, summaries = [], []
     for artifact in artifacts:
         if isinstance(artifact, Profile):
-            summary, figures = write_profile_report(artifact, directory)
-            pages.append(summary)
+            figures = write_profile_figures(artifact, directory)
+            summaries.append(profile_summary(artifact, figures))
             rows = []
             for domain in artifact.domains:
                 c = concentration(artifact, domain)
@@ -124,6 +140,16 @@ def _write_pages(artifacts: list, directory: Path) -> list[Path]:
                           for layer, r in sorted(artifact.layers.items(), key=lambda item: int(item[0]))])
                 + "".join(_image(f, f.stem) for f in figures)
             )
+        elif isinstance(artifact, LensReport):
+            figures = write_lens_figures(artifact, directory)
+            summaries.append(lens_summary(artifact, figures))
+            sections.append(
+                f"<h2>Lens of {html.escape(artifact.model.source)}: top-1 expert vs top-{artifact.model.top_k} "
+                "ensemble</h2>"
+                + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lens_headline(artifact)) + "</ul>"
+                + _table(*lens_rows(artifact))
+                + "".join(_image(f, f.stem.replace("-", " ")) for f in figures)
+            )
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:90%}")
@@ -131,4 +157,8 @@ def _write_pages(artifacts: list, directory: Path) -> list[Path]:
             f"<style>{style}</style></head><body><h1>moe-compress report</h1>{''.join(sections)}</body></html>")
     out = directory / "report.html"
     out.write_text(page)
-    return [out, *pages]
+    if not summaries:
+        return [out]
+    summary = directory / "summary.md"
+    summary.write_text("\n".join(summaries))
+    return [out, summary]

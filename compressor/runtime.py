@@ -50,6 +50,32 @@ def load_tokenizer(model_dir: Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def tokenize_domains(model_dir: Path, config: dict, loaded: dict, seq_len: int, max_tokens: int | None,
+                     min_length: int = 1) -> tuple[dict[str, list[list[int]]], int]:
+    """Every loaded source as token sequences of at most `seq_len` (`max_tokens` each), with the model's tokenizer
+    where a source is text, and the pad id; UserError for a source without tokens (or none of `min_length`), token
+    ids outside the vocabulary, or a `seq_len` beyond the model's context."""
+    from compressor.data.batching import token_sequences
+
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and seq_len > max_positions:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context ({max_positions} positions)")
+    tokenizer = load_tokenizer(model_dir) if any(not s.pretokenized for s in loaded.values()) else None
+    vocab = int(config["vocab_size"])
+    domains = {}
+    for name, source in loaded.items():
+        sequences = [s for s in token_sequences(source, tokenizer, seq_len, max_tokens) if s]
+        if not sequences or max(len(s) for s in sequences) < min_length:
+            raise UserError(f"domain {name!r} has no tokens after tokenization"
+                            + (f" (it needs sequences of at least {min_length})" if min_length > 1 else ""))
+        too_big = max(max(row) for row in sequences)
+        if too_big >= vocab:
+            raise UserError(f"domain {name!r} has token id {too_big}, outside the model's vocabulary of {vocab}")
+        domains[name] = sequences
+    pad = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
+    return domains, pad
+
+
 class Distributed:
     """Rank/world of a torch.distributed run (torchrun / accelerate launch), or a single process."""
 

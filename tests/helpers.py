@@ -37,7 +37,7 @@ def save_tiny_checkpoint(directory: Path, seed: int = 0, gate_seed: int | None =
     model = DeepseekForCausalLM(DeepseekConfig(**{**TINY, **overrides})).eval()
     generator = torch.Generator().manual_seed(seed + 1000 if gate_seed is None else gate_seed)
     with torch.no_grad():
-        for layer in MOE_LAYERS:
+        for layer in MOE_LAYERS if model.config.n_routed_experts else []:
             gate = model.model.layers[layer].mlp.gate.weight
             gate.copy_(0.5 * torch.randn(gate.shape, generator=generator))
     model.save_pretrained(directory)

@@ -344,6 +344,12 @@ CASES: list[tuple[str, Callable]] = [
     ("report output exists", lambda w, t: ["report", w.profile, "-o", _mkdir(t / "r")]),
     ("report output is a file", lambda w, t: ["report", w.profile, "-o", w.afile, "--overwrite"]),
     ("report of a plan from another profile", lambda w, t: ["report", _shifted_profile(w, t), w.plan, "-o", t / "r"]),
+    # lens
+    ("lens of a missing model", lambda w, t: ["lens", t / "nope", "-d", f"code={w.data}", "-o", t / "l.json"]),
+    ("lens data missing", lambda w, t: ["lens", w.model, "-d", f"code={t / 'none.jsonl'}", "-o", t / "l.json"]),
+    ("lens output exists", lambda w, t: ["lens", w.model, "-d", f"code={w.data}", "-o", w.afile]),
+    ("lens output inside the model", lambda w, t: ["lens", w.model, "-d", f"code={w.data}", "-o",
+                                                   w.model / "l.json"]),
     # run
     ("recipe missing", lambda w, t: ["run", t / "nope.yaml"]),
     ("recipe not YAML", lambda w, t: ["run", _write(t, "r.yaml", "model: [unclosed")]),
@@ -355,6 +361,7 @@ CASES: list[tuple[str, Callable]] = [
     ("recipe work dir under a file", lambda w, t: ["run", _recipe(w, t, work_dir=str(w.afile / "work"))]),
     ("recipe work dir inside the model", lambda w, t: ["run", _recipe(w, t, work_dir=str(w.model / "work"))]),
     ("recipe data missing", lambda w, t: ["run", _recipe(w, t, profile__domains={"code": str(t / "none.jsonl")})]),
+    ("recipe lens data missing", lambda w, t: ["run", _recipe(w, t, lens={"domains": {"x": str(t / "none.jsonl")}})]),
     ("recipe --set malformed", lambda w, t: ["run", _recipe(w, t), "--set", "no-equals-sign"]),
     # push and serve-check
     ("push of a folder that is not an export", lambda w, t: ["push", t, "someone/model"]),
@@ -383,5 +390,6 @@ def test_the_cases_cover_every_command(world, tmp_path):
     commands = set()
     for index, (_, build) in enumerate(CASES):
         commands.add(str(build(world, _mkdir(tmp_path / str(index)))[0]))
-    assert {"inspect", "profile", "plan", "export", "validate", "report", "run", "push", "serve-check"} <= commands
+    assert {"inspect", "profile", "lens", "plan", "export", "validate", "report", "run", "push",
+            "serve-check"} <= commands
 

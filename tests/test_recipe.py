@@ -166,6 +166,7 @@ def project(tmp_path_factory) -> Path:
         "model": str(root / "tiny"), "work_dir": str(root / "work"), "device": "cpu",
         "profile": {"domains": {"code": str(files["code"]), "math": str(files["math"])}, "max_tokens": 200,
                     "seq_len": 16, "batch_size": 4},
+        "lens": {"max_tokens": 120, "seq_len": 16},  # on the profile's domains
         "plan": {"strategy": "uniform", "keep_fraction": 0.5, "domains": {"code": 1}, "top_k": 1},
         "export": {"compensation": "scale", "calibration": {"code": str(files["code"])}, "max_tokens": 200,
                    "seq_len": 16, "batch_size": 4},
@@ -177,7 +178,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def stage_lines(out: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"^(profile|plan|export|validate): (.*)$", out, re.MULTILINE)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(profile|lens|plan|export|validate): (.*)$", out, re.MULTILINE)}
 
 
 def snapshot(work: Path) -> dict[str, tuple[int, int]]:
@@ -196,8 +197,13 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
     stages = stage_lines(out)
-    assert all(stages[s].startswith("wrote") for s in ("profile", "plan", "export", "validate")), out
+    assert all(stages[s].startswith("wrote") for s in ("profile", "lens", "plan", "export", "validate")), out
 
+    from compressor.lens import LensReport
+
+    lens = LensReport.load(work / "lens.json")
+    assert set(lens.domains) == {"code", "math"} and lens.model.top_k == 3
+    assert all(0 < d.tokens <= 120 for d in lens.domains.values())
     profile = Profile.load(work / "profile.json")
     assert set(profile.domains) == {"code", "math"}
     assert all(d.tokens <= 200 for d in profile.domains.values())
@@ -214,7 +220,9 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     assert (work / "model" / "plots" / "cosine.png").exists()
     page = (work / "report" / "report.html").read_text()
     assert "Routing profile" in page and "Plan: top-1" in page and "Validation: passed" in page
-    assert "## Concentration" in (work / "report" / "summary.md").read_text()
+    assert "Lens of" in page and (work / "report" / "lens-code.png").exists()
+    summary = (work / "report" / "summary.md").read_text()
+    assert "## Concentration" in summary and "# Lens of" in summary
     assert f"report: {work / 'report' / 'report.html'}" in out
     assert re.search(r"^code\s+\d+", out, re.MULTILINE)  # the validation table
 
@@ -223,7 +231,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     code, out, err = run_cli(["run", recipe], capsys)
     assert code == 0, err
     stages = stage_lines(out)
-    assert set(stages) == {"profile", "plan", "export", "validate"}
+    assert set(stages) == {"profile", "lens", "plan", "export", "validate"}
     assert all(line.startswith("up to date") for line in stages.values()), out
     assert snapshot(work) == before
 
@@ -231,10 +239,10 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
     code, out, err = run_cli(["run", recipe, "--set", "plan.keep_fraction=0.25"], capsys)
     assert code == 0, err
     stages = stage_lines(out)
-    assert stages["profile"].startswith("up to date")
+    assert stages["profile"].startswith("up to date") and stages["lens"].startswith("up to date")
     assert all(stages[s].startswith("wrote") for s in ("plan", "export", "validate")), out
     after = snapshot(work)
-    assert after["profile.json"] == before["profile.json"]
+    assert after["profile.json"] == before["profile.json"] and after["lens.json"] == before["lens.json"]
     assert after["plan.json"] != before["plan.json"] and after["model/config.json"] != before["model/config.json"]
     assert all(len(k) == 2 for k in Plan.load(work / "plan.json").kept().values())
     assert json.loads((work / "model" / "config.json").read_text())["n_routed_experts"] == 2
@@ -259,7 +267,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
 
 
 def test_recipe_schema_is_strict_in_every_section():
-    for section in ("profile", "plan", "export", "validate", "push"):
+    for section in ("profile", "lens", "plan", "export", "validate", "push"):
         field = Recipe.model_fields["validate_" if section == "validate" else section]
         model = getattr(field.annotation, "__args__", (field.annotation,))[0]
         assert model.model_config.get("extra") == "forbid", section

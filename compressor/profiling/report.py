@@ -129,6 +129,13 @@ def write_profile_figures(profile: Profile, directory: Path) -> list[Path]:
 def write_profile_report(profile: Profile, directory: Path) -> tuple[Path, list[Path]]:
     """Figures plus `summary.md` with the concentration table; returns the summary's path and the figures."""
     figures = write_profile_figures(profile, directory)
+    summary = directory / "summary.md"
+    summary.write_text(profile_summary(profile, figures))
+    return summary, figures
+
+
+def profile_summary(profile: Profile, figures: list[Path]) -> str:
+    """Markdown: the profile's concentration table and its figures (by file name)."""
     lines = [
         f"# Routing profile of {profile.model.source}",
         "",
@@ -143,9 +150,7 @@ def write_profile_report(profile: Profile, directory: Path) -> tuple[Path, list[
         "",
     ]
     lines += [f"![{path.stem}]({path.name})" for path in figures]
-    summary = directory / "summary.md"
-    summary.write_text("\n".join(lines) + "\n")
-    return summary, figures
+    return "\n".join(lines) + "\n"
 
 
 def integer_ticks(axis) -> None:

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from compressor import __version__
-from compressor.data.batching import Batch, batches, token_sequences
+from compressor.data.batching import Batch, batches
 from compressor.data.sources import LoadedSource, load_source
 from compressor.errors import UserError
 from compressor.families import open_checkpoint
@@ -16,7 +16,7 @@ from compressor.io.resolve import resolve_model
 from compressor.profiling.collector import RoutingCollector
 from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
 from compressor.runtime import (
-    CheckpointTensors, Distributed, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
+    CheckpointTensors, Distributed, LayerwiseModel, resolve_device, resolve_dtype, run_layer_by_layer, tokenize_domains,
 )
 
 
@@ -43,26 +43,9 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     model_dir, revision = resolve_model(model, options.revision)
     checkpoint = open_checkpoint(model_dir)
     config, family = checkpoint.config, checkpoint.family
-    max_positions = config.get("max_position_embeddings")
-    if max_positions and options.seq_len > max_positions:
-        raise UserError(f"--seq-len {options.seq_len} exceeds the model's context ({max_positions} positions)")
-    tokenizer = None
-    if any(not source.pretokenized for source in loaded.values()):
-        tokenizer = load_tokenizer(model_dir)
-    vocab = int(config["vocab_size"])
-    domain_sequences = {}
-    for name, source in loaded.items():
-        sequences = token_sequences(source, tokenizer, options.seq_len, options.max_tokens)
-        if not sequences or not any(sequences):
-            raise UserError(f"domain {name!r} has no tokens after tokenization")
-        too_big = max(max(row) for row in sequences if row)
-        if too_big >= vocab:
-            raise UserError(f"domain {name!r} has token id {too_big}, outside the model's vocabulary of {vocab}")
-        domain_sequences[name] = sequences
-
+    domain_sequences, pad_id = tokenize_domains(model_dir, config, loaded, options.seq_len, options.max_tokens)
     dist = Distributed(device)
     device = dist.device
-    pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
     run = _run_layerwise if options.layerwise else _run_whole_model
     domains = run(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id)
     checkpoint.close()
