@@ -1,9 +1,10 @@
-"""Export speed and memory on a checkpoint with DeepSeekMoE-16B's real widths and tensor layout.
+"""Export speed and memory on a checkpoint with a real model's widths and tensor layout.
 
-    python benchmarks/export.py [--layers 4] [--keep 32]
+    python benchmarks/export.py [--model deepseek-moe-16b|qwen3-30b-a3b] [--layers 4] [--keep-fraction 0.5]
 
-Generates a random bf16 checkpoint (hidden 2048, 64 experts x 1408, 2 shared, vocab 102400; layer 0 dense,
-the rest MoE; several shards), then measures, each in a fresh process, wall time and peak RSS of:
+Generates a random bf16 checkpoint (benchmarks/synthetic.py: DeepSeekMoE-16B's hidden 2048, 64 experts x 1408,
+2 shared, vocab 102400, layer 0 dense; or Qwen3-30B-A3B's 128 experts x 768, vocab 151936; several shards), then
+measures, each in a fresh process, wall time and peak RSS of:
   1. `moe-compress export` (uniform plan keeping --keep experts per layer, top-1, compensation none);
   2. the baseline: a kernel copy (copy_file_range, as cp does) of exactly the bytes export keeps, from the same
      source files, one fsync'ed file per output shard — the same bytes from the same state;
@@ -29,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from synthetic import CONFIGS, write_checkpoint  # noqa: E402
+
 _MEASURE = """
 import resource, subprocess, sys, time
 start = time.perf_counter()
@@ -38,20 +41,23 @@ print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 """
 
 _NAIVE = """
-import sys, torch
-import compressor
-from transformers import AutoModelForCausalLM
+import json, sys, torch
+from compressor.families import open_checkpoint
 source, out, keep = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-for layer in model.model.layers:
-    block = layer.mlp
-    if hasattr(block, "gate"):
-        kept = list(range(keep))
-        block.experts = torch.nn.ModuleList(block.experts[i] for i in kept)
-        block.gate.weight = torch.nn.Parameter(block.gate.weight.data[kept].clone())
-        block.n_routed_experts = block.gate.n_routed_experts = keep
-model.config.n_routed_experts = keep
-model.config.num_experts_per_tok = 1
+checkpoint = open_checkpoint(source)
+family, config = checkpoint.family, checkpoint.config
+model = family.model_class(config).from_pretrained(source, dtype=torch.bfloat16)
+kept = torch.arange(keep)
+for layer in family.moe_layers(config):  # slice the fused experts and the router rows in memory
+    block = model.get_submodule(family.decoder_layer_path(layer)).get_submodule(family.block_attr)
+    for module in (block.get_submodule(family.experts_attr), block.get_submodule(family.router_attr)):
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(parameter.data[kept].clone(), requires_grad=False))
+        for attribute in ("num_experts", "n_routed_experts"):
+            if hasattr(module, attribute):
+                setattr(module, attribute, keep)
+pruned = family.pruned_config(config, {layer: list(range(keep)) for layer in family.moe_layers(config)}, 1)
+model.config = type(model.config)(**pruned)
 model.save_pretrained(out, max_shard_size="5GB")
 """
 
@@ -89,53 +95,50 @@ def drop_caches() -> bool:
 
 
 def kept_ranges(source: Path, output: Path) -> list[list[tuple[str, int, int]]]:
-    """Per output shard, the (source file, offset, bytes) of every tensor it holds, in output order."""
+    """Per output shard, the (source file, offset, bytes) of every tensor it holds, in output order (a sliced
+    tensor, e.g. a router, counts as its first rows)."""
+    from compressor.export.mapping import TensorMapping
+    from compressor.families import open_checkpoint
     from compressor.io import CheckpointReader
 
-    with CheckpointReader(source) as src, CheckpointReader(output) as out:
-        plan = []
-        for shard in out.shards():
-            ranges = []
-            for name in out.tensors_in_shard(shard):
-                source_name = name if name in src else None
-                if source_name is None:  # a renumbered expert: same bytes as the kept original (same shape)
-                    source_name = _original_name(name, output)
-                info = src.info(source_name)
-                ranges.append((str(info.shard), info.data_offsets[0], info.nbytes))
-            plan.append(ranges)
-        return plan
-
-
-def _original_name(name: str, output: Path) -> str:
-    """The source tensor a renumbered expert tensor of the output was copied from."""
     plan = json.loads((output / "compression_plan.json").read_text())
-    parts = name.split(".")
-    layer, expert = parts[2], int(parts[5])
-    parts[5] = str(sorted(plan["layers"][layer]["keep"])[expert])
-    return ".".join(parts)
+    checkpoint = open_checkpoint(source)
+    mapping = TensorMapping(checkpoint.layout, {int(layer): entry["keep"] for layer, entry in plan["layers"].items()})
+    origin = {tensor.name: tensor.source for tensor in mapping.plan(checkpoint.reader)}
+    with CheckpointReader(output) as out:
+        ranges = []
+        for shard in out.shards():
+            shard_ranges = []
+            for name in out.tensors_in_shard(shard):
+                info = checkpoint.reader.info(origin[name])
+                shard_ranges.append((str(info.shard), info.data_offsets[0], out.info(name).nbytes))
+            ranges.append(shard_ranges)
+    checkpoint.close()
+    return ranges
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="deepseek-moe-16b", help="whose widths")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--keep", type=int, default=32)
+    parser.add_argument("--keep-fraction", type=float, default=0.5, help="share of each layer's experts kept")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the GBs (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement")
     args = parser.parse_args(argv)
-    from synthetic import sixteen_b_config, write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="moe-bench-export-", dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        config = sixteen_b_config(args.layers)
+        config = CONFIGS[args.model](args.layers)
         start = time.perf_counter()
         source = write_checkpoint(tmp / "source", config, max_shard_bytes=2 * 10**9)
         size = sum(f.stat().st_size for f in source.glob("*.safetensors"))
         print(f"generated {source.name}: {size / 2**30:.2f} GiB in {len(list(source.glob('*.safetensors')))} shards "
               f"({time.perf_counter() - start:.0f} s)")
-        moe_layers = [str(layer) for layer in range(config["first_k_dense_replace"], args.layers)]
+        identity = _identity(source)
+        experts = max(identity["experts_per_layer"].values())
+        keep = max(1, round(args.keep_fraction * experts))
         plan = {"format_version": 1, "tool_version": "benchmark", "top_k": 1, "compensation": "none",
-                "model": _identity(source),
-                "layers": {layer: {"keep": list(range(args.keep))} for layer in moe_layers}}
+                "model": identity, "layers": {str(layer): {"keep": list(range(keep))} for layer in identity["moe_layers"]}}
         (tmp / "plan.json").write_text(json.dumps(plan))
 
         export = [sys.executable, "-m", "compressor", "export", str(source), str(tmp / "plan.json"),
@@ -164,9 +167,9 @@ def main(argv=None) -> int:
                 cold = drop_caches() and cold
                 results[label].append(measure(command))
                 shutil.rmtree(produced)
-        naive = measure([sys.executable, "-c", _NAIVE, str(source), str(tmp / "naive"), str(args.keep)])
+        naive = measure([sys.executable, "-c", _NAIVE, str(source), str(tmp / "naive"), str(keep)])
 
-    print(f"\noutput: {out_size / 2**30:.2f} GiB ({args.keep} of 64 experts kept per MoE layer, top-1); "
+    print(f"\noutput: {out_size / 2**30:.2f} GiB ({keep} of {experts} experts kept per MoE layer, top-1); "
           f"{args.repeats} rounds, order alternated, "
           + ("page cache dropped before every run" if cold else "page cache NOT dropped (not permitted here)"))
     baseline = statistics.median(s for s, _ in results["baseline: kernel copy of the kept bytes"])

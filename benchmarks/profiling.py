@@ -1,10 +1,12 @@
 """Profiling overhead and memory: tokens/s of profiling vs a plain forward, peak RSS whole vs --layerwise.
 
-    python benchmarks/profiling.py                 # reference model + a generated 16B-width checkpoint
-    python benchmarks/profiling.py --skip-16b      # reference model only
+    python benchmarks/profiling.py                          # reference model + a generated 16B-width checkpoint
+    python benchmarks/profiling.py --model qwen3-30b-a3b    # ... + a generated Qwen3-30B-A3B-width checkpoint
+    python benchmarks/profiling.py --skip-synthetic         # reference model only
 
-(a) the shipped reference model on demo calibration text; (b) a random checkpoint with DeepSeekMoE-16B's
-real widths (hidden 2048, 64 experts x 1408, 2 shared, vocab 102400) and 3 layers, on random token ids.
+(a) the shipped reference model on demo calibration text; (b) a random checkpoint with a real model's widths
+(benchmarks/synthetic.py: DeepSeekMoE-16B's hidden 2048, 64 experts x 1408, 2 shared, vocab 102400; or
+Qwen3-30B-A3B's 128 experts x 768, top-8) and 3 layers, on random token ids.
 Target: profiling tokens/s >= 0.9 x plain forward on the same model and batches.
 """
 
@@ -23,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from synthetic import CONFIGS, write_checkpoint  # noqa: E402
 from timing import compare, ratio_line  # noqa: E402
 
 
@@ -99,24 +102,27 @@ def report(title: str, model_dir: Path, sources: dict, seq_len: int, max_tokens:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-16b", action="store_true")
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="deepseek-moe-16b",
+                        help="whose widths the generated checkpoint has")
+    parser.add_argument("--skip-synthetic", action="store_true", help="the reference model only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     demo = {name: f"demo:{name}" for name in ("code", "math", "english", "french")}
     report("reference model (models/reference), fp32", REPO / "models" / "reference", demo,
            seq_len=256, max_tokens=8192, batch_size=8)
-    if not args.skip_16b:
-        from synthetic import sixteen_b_config, write_checkpoint
-
-        with tempfile.TemporaryDirectory(prefix="moe-bench-16b-") as tmp:
-            ckpt = write_checkpoint(Path(tmp) / "ckpt", sixteen_b_config(3))
+    if not args.skip_synthetic:
+        with tempfile.TemporaryDirectory(prefix="moe-bench-profile-") as tmp:
+            config = CONFIGS[args.model](3)
+            ckpt = write_checkpoint(Path(tmp) / "ckpt", config)
             ids = Path(tmp) / "ids.jsonl"
             generator = torch.Generator().manual_seed(0)
+            vocab = config["vocab_size"]
             with ids.open("w") as f:
                 for _ in range(8):
-                    f.write(json.dumps({"input_ids": torch.randint(0, 102400, (256,), generator=generator).tolist()}) + "\n")
-            report("generated checkpoint with DeepSeekMoE-16B widths, 3 layers (1 dense + 2 MoE), bf16 on disk, fp32 run",
+                    row = torch.randint(0, vocab, (256,), generator=generator).tolist()
+                    f.write(json.dumps({"input_ids": row}) + "\n")
+            report(f"generated checkpoint with {args.model} widths, 3 layers, bf16 on disk, fp32 run",
                    ckpt, {"random": str(ids)}, seq_len=256, max_tokens=2048, batch_size=4)
     return 0
 
