@@ -24,9 +24,11 @@ def write_lens_figures(report: LensReport, directory: Path) -> list[Path]:
         stats = [domain.layers[layer] for layer in layers]
         x = [int(layer) for layer in layers]
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-        left.plot(x, [s.kl_topk_top1 for s in stats], marker="o", color="tab:red", label="KL(top-k || top-1)")
+        k = report.model.top_k
+        left.plot(x, [s.kl_topk_top1 for s in stats], marker="o", color="tab:red", label=f"KL(top-{k} || top-1)")
         left.set_xlabel("decoder layer")
         left.set_ylabel("KL, nats", color="tab:red")
+        left.set_ylim(bottom=0)
         integer_ticks(left.xaxis)
         twin = left.twinx()
         twin.plot(x, [s.top1_agreement for s in stats], marker="s", color="tab:blue", label="top-1 agreement")
@@ -34,15 +36,16 @@ def write_lens_figures(report: LensReport, directory: Path) -> list[Path]:
         twin.set_ylim(0, 1.02)
         twin.set_ylabel("share / cosine")
         handles = left.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        left.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper left")
-        left.set_title(f"{name}: top-1 expert alone vs the top-k ensemble (early decoding)")
+        left.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper center",
+                    bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+        left.set_title(f"{name}: top-1 expert alone vs the top-{k} ensemble (early decoding)")
         curves = np.array([s.kl_by_experts for s in stats])
         image = right.imshow(curves, aspect="auto", cmap="magma_r", interpolation="nearest")
         right.set_yticks(range(len(layers)), layers)
         right.set_xticks(range(curves.shape[1]), [str(j) for j in range(1, curves.shape[1] + 1)])
         right.set_xlabel("experts kept (j highest-weight)")
         right.set_ylabel("decoder layer")
-        right.set_title("KL(top-k || top-j), nats")
+        right.set_title(f"KL(top-{k} || top-j), nats")
         fig.colorbar(image, ax=right)
         paths.append(save_figure(fig, directory / f"lens-{_slug(name)}.png"))
     return paths
