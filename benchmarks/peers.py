@@ -14,6 +14,12 @@ same rows (benchmarks/peers_reap_runner.py), every row once, in order.
   (scripts/setup_llmcompressor.sh; run here when the venv is missing), one process that loads the model,
   calibrates, prunes and saves. Its defaults otherwise, except `moe_calibrate_all_experts=False` (REAP only reads
   the routed tokens' outputs and says so in its log; the saliency is the same, the pass is cheaper).
+  A second REAP run (skip it with --no-reap-workaround) works around what llm-compressor 0.14 does to this model:
+  its sequential pipeline hands transformers' `create_causal_mask` a copy of the config without the attention
+  implementation, which then returns no mask, so every layer is calibrated with bidirectional attention
+  (checked: the MoE inputs it sees equal the model's under an all-zero 4-D mask, not under its causal one). The
+  workaround passes a 4-D causal mask with every batch (a DataLoader; create_causal_mask returns a 4-D mask as
+  given), after which REAP's choice equals an independent re-implementation of sequential REAP exactly.
 - moe-compress, through its CLI: `profile` once, then per criterion (--criteria) `plan --keep-fraction 0.5
   --domains code,math`, and `export` three ways: top-8 (REAP's routing width) with compensation `none`, the same
   plan with `distill --distill-router`, and top-1 with `distill --distill-router` (REAP has no top-1). Fitted
@@ -21,8 +27,8 @@ same rows (benchmarks/peers_reap_runner.py), every row once, in order.
   is timed for nobody.
 
 Every step is a fresh process run one after another with the same environment (OMP/MKL threads = --threads);
-wall time from spawn to exit and peak RSS (the process's ru_maxrss, from wait4) are measured the same way for
-both tools. moe-compress's time per output is profile + plan + export (the profile is shared by every variant
+wall time from spawn to exit, CPU time (user + system) and peak RSS (the process's ru_maxrss; all from wait4)
+are measured the same way for both tools. moe-compress's time per output is profile + plan + export (the profile is shared by every variant
 and also reported alone); REAP's is its one process.
 
 Every output (and the original) is then evaluated with `moe-compress validate ORIGINAL OUT -d code=demo:code
@@ -84,6 +90,7 @@ class StepFailed(RuntimeError):
 class Measured:
     name: str
     seconds: float
+    cpu_seconds: float
     peak_rss_mib: float
     returncode: int
     log: str
@@ -105,6 +112,8 @@ class Row:
     top_k: int | None = None
     loads: dict = field(default_factory=dict)
     shared_with_reap: float | None = None
+    reap_info: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
     original_perplexity: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -127,8 +136,9 @@ def run_measured(name: str, command: list[str], env: dict, logs: Path, check: bo
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
-    measured = Measured(name, seconds, usage.ru_maxrss / 1024, process.returncode, str(log))
-    print(f"  {name}: {seconds:.1f} s, peak RSS {measured.peak_rss_mib:.0f} MiB"
+    measured = Measured(name, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, process.returncode,
+                        str(log))
+    print(f"  {name}: {seconds:.1f} s (CPU {measured.cpu_seconds:.1f} s), peak RSS {measured.peak_rss_mib:.0f} MiB"
           + ("" if process.returncode == 0 else f", exit {process.returncode}"), flush=True)
     if check and process.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
@@ -236,7 +246,7 @@ def fmt_int(n: int) -> str:
 def table(rows: list[Row], original: Row, profile: Measured) -> str:
     head = ["model", "experts, top-k"]
     head += [f"{d}{' (target)' if d in TARGETS else ''}" for d in EVALUATION]
-    head += ["weights MiB", "params", "wall s", "wall s from the model", "peak RSS MiB",
+    head += ["weights MiB", "params", "wall s", "wall s from the model", "CPU s", "peak RSS MiB",
              "loads in transformers " + original.loads.get("transformers", "?")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in [original] + rows:
@@ -249,16 +259,17 @@ def table(rows: list[Row], original: Row, profile: Measured) -> str:
         cells += [f"{row.weights_bytes / 2**20:.1f}", fmt_int(row.parameters)]
         own = [step for step in row.steps if step is not profile]
         if row is original:
-            cells += ["—", "—", "—"]
+            cells += ["—", "—", "—", "—"]
         else:
             cells += [f"{sum(s.seconds for s in own):.1f}", f"{row.seconds:.1f}",
-                      f"{max(s.peak_rss_mib for s in own):.0f}"]
+                      f"{sum(s.cpu_seconds for s in own):.1f}", f"{max(s.peak_rss_mib for s in own):.0f}"]
         loads = row.loads.get("loads")
         cells.append("yes" if loads else "no: " + "; ".join(f"{k}: {v}" for k, v in row.loads.get("problems", {})
                                                              .items()))
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["moe-compress profile (every moe-compress row uses it)", "—"] + ["—"] * len(EVALUATION)
-    cells += ["—", "—", f"{profile.seconds:.1f}", f"{profile.seconds:.1f}", f"{profile.peak_rss_mib:.0f}", "—"]
+    cells += ["—", "—", f"{profile.seconds:.1f}", f"{profile.seconds:.1f}", f"{profile.cpu_seconds:.1f}",
+              f"{profile.peak_rss_mib:.0f}", "—"]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -290,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="top8-none,top8-distill,top1-distill",
                         help="moe-compress exports per criterion")
     parser.add_argument("--threads", type=int, default=1, help="OMP/MKL/torch threads of every step")
+    parser.add_argument("--no-reap-workaround", action="store_true",
+                        help="skip the second REAP run (4-D causal mask in its batches, see below)")
     parser.add_argument("--reap-precision", default="auto", help="oneshot's precision (auto: the checkpoint's)")
     parser.add_argument("--llmcompressor-python", default=None,
                         help="python of a venv with llmcompressor (default: $LLMCOMPRESSOR_VENV or "
@@ -333,16 +346,22 @@ def main(argv=None) -> int:
 
     rows: list[Row] = []
     # REAP (llm-compressor), one process: load, calibrate, prune, save.
-    reap = Row("llm-compressor REAP", "llm-compressor", str(outputs / "reap"), slug="reap")
-    reap_report = work / "reap-report.json"
-    reap.steps.append(run_measured("reap-oneshot", [
-        str(python_llmc), str(RUNNER), str(model), str(files["all"]), reap.path,
-        "--sparsity", repr(1 - args.keep_fraction), "--seq-len", str(args.seq_len),
-        "--batch-size", str(args.batch_size), "--threads", threads, "--precision", args.reap_precision,
-        "--report", str(reap_report)], reap_env, logs))
-    reap_info = json.loads(reap_report.read_text())
-    reap_kept = {name.split(".")[2]: set(ids) for name, ids in reap_info["kept"].items()}
-    rows.append(reap)
+    reap_runs = [("reap", "llm-compressor REAP", [])]
+    if not args.no_reap_workaround:
+        reap_runs.append(("reap-causal", "llm-compressor REAP, causal-mask workaround", ["--causal-mask-in-data"]))
+    for slug, label, extra in reap_runs:
+        row = Row(label, "llm-compressor", str(outputs / slug), slug=slug)
+        report = work / f"{slug}-report.json"
+        row.steps.append(run_measured(f"{slug}-oneshot", [
+            str(python_llmc), str(RUNNER), str(model), str(files["all"]), row.path,
+            "--sparsity", repr(1 - args.keep_fraction), "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--threads", threads, "--precision", args.reap_precision,
+            "--report", str(report), *extra], reap_env, logs))
+        row.reap_info = json.loads(report.read_text())
+        row.kept = {name.split(".")[2]: set(ids) for name, ids in row.reap_info["kept"].items()}
+        rows.append(row)
+    reap = rows[0]
+    reap_info, reap_kept = reap.reap_info, reap.kept
 
     # moe-compress through its CLI.
     cli = [sys.executable, "-m", "compressor"]
@@ -398,6 +417,9 @@ def main(argv=None) -> int:
           f"it; moe-compress: plan + export); 'from the model' adds moe-compress's profile ({profile.seconds:.1f} s). "
           "peak RSS: the largest ru_maxrss of the row's own processes.")
     for row in rows[1:]:
+        if row.shared_with_reap is None:
+            row.shared_with_reap = (sum(len(row.kept[l] & reap_kept[l]) for l in row.kept)
+                                    / sum(len(reap_kept[l]) for l in row.kept))
         print(f"  {row.label}, top-{row.top_k}: kept experts also kept by REAP {row.shared_with_reap:.1%}")
     print("REAP output vs the original: " + "; ".join(config_changes(model, Path(reap.path))))
     print(f"llm-compressor venv: {', '.join(f'{k} {v}' for k, v in reap_info['versions'].items())}; "
@@ -410,7 +432,7 @@ def main(argv=None) -> int:
             "rows": [{**asdict(row), "seconds": row.seconds, "peak_rss_mib": row.peak_rss_mib}
                      for row in [original] + rows],
             "total_seconds": total,
-        }, indent=1))
+        }, indent=1, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
     return 0
 
 

@@ -24,6 +24,22 @@ import time
 from pathlib import Path
 
 
+def causal_dataloader(rows: list[list[int]], batch_size: int, torch):
+    """The rows in order as a DataLoader whose batches carry `attention_mask` as a 4-D additive causal mask
+    ([batch, 1, seq, seq], 0 where attended, the dtype's minimum elsewhere: what transformers' eager mask is).
+    transformers' `create_causal_mask` returns a 4-D mask as given, before it looks at the attention
+    implementation, so the decoder layers get a causal mask even when the config it is handed has lost it."""
+
+    def collate(batch):
+        ids = torch.tensor(batch, dtype=torch.long)
+        length = ids.shape[1]
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return {"input_ids": ids, "attention_mask": mask.expand(len(batch), 1, length, length).contiguous()}
+
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -36,6 +52,13 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="auto", help="oneshot's precision (auto: the checkpoint's dtype)")
     parser.add_argument("--calibrate-all-experts", action="store_true",
                         help="oneshot's moe_calibrate_all_experts (default off: REAP does not need it and says so)")
+    parser.add_argument("--no-propagate-error", action="store_true",
+                        help="oneshot's propagate_error=False: each layer's saliency on the unpruned model's hidden "
+                             "states (default: llm-compressor's, the outputs of the already-pruned layers below)")
+    parser.add_argument("--causal-mask-in-data", action="store_true",
+                        help="workaround: hand oneshot a DataLoader whose batches carry a 4-D additive causal mask "
+                             "(llm-compressor 0.14's sequential pipeline otherwise calibrates this model with "
+                             "bidirectional attention, see benchmarks/peers.py)")
     parser.add_argument("--report", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +78,10 @@ def main(argv=None) -> int:
 
     imported = time.perf_counter()
     rows = [json.loads(line)["input_ids"] for line in args.calibration.read_text().splitlines() if line.strip()]
-    dataset = Dataset.from_dict({"input_ids": rows})
+    if args.causal_mask_in_data:
+        dataset = causal_dataloader(rows, args.batch_size, torch)
+    else:
+        dataset = Dataset.from_dict({"input_ids": rows})
     kept_path = args.out.parent / f".{args.out.name}.reap-kept.json"
     oneshot(
         model=str(args.model),
@@ -68,6 +94,7 @@ def main(argv=None) -> int:
         precision=args.precision,
         moe_calibrate_all_experts=args.calibrate_all_experts,
         output_dir=str(args.out),
+        **({"propagate_error": False} if args.no_propagate_error else {}),
     )
     finished = time.perf_counter()
     kept = json.loads(kept_path.read_text())
