@@ -1,4 +1,4 @@
-"""`moe-compress validate ORIGINAL COMPRESSED -d NAME=SOURCE ... -o validation.json`."""
+"""`moe-compress validate ORIGINAL COMPRESSED -d NAME=SOURCE ... [--tasks TASK,...] -o validation.json`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 
 from compressor.cli_support import checked_output_path
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
+from compressor.evaluation.harness import parse_task_gate, parse_task_names
 from compressor.io.atomic import atomic_directory
 from compressor.validation.plots import write_validation_plots
 from compressor.validation.runner import ValidateOptions, parse_ppl_gate, validate_models
@@ -28,7 +29,16 @@ def summary_table(report) -> str:
         lines.append(f"forward tokens/s ({t.device}, {t.threads} threads): original {t.original_tokens_per_second:,.0f}, "
                      f"compressed {t.compressed_tokens_per_second:,.0f} "
                      f"({t.compressed_tokens_per_second / t.original_tokens_per_second:.2f}x)")
+    if report.tasks:
+        lines.append(f"{'task':24} {'metric':26} {'docs':>5} {'original':>16} {'compressed':>16} {'change':>8}")
+        for name, t in report.tasks.items():
+            lines.append(f"{name:24} {t.metric:26} {t.samples:5d} {_score(t.original, t.original_stderr):>16} "
+                         f"{_score(t.compressed, t.compressed_stderr):>16} {t.change:+8.4f}")
     return "\n".join(lines)
+
+
+def _score(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
 
 
 @click.command()
@@ -43,20 +53,29 @@ def summary_table(report) -> str:
 @click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
               help="fail when a domain's perplexity rises more: 0.05 for all, or code=0.05,english=0.5")
 @click.option("--min-cosine", type=float, default=None, help="fail when a layer's mean hidden-state cosine is lower")
+@click.option("--tasks", "tasks", multiple=True, metavar="TASK[,TASK...]",
+              help="lm-evaluation-harness tasks scored on both models (shipped: demo_code_next_line, demo_math_answer)")
+@click.option("--task-limit", type=click.IntRange(min=1), default=None, help="score only the first N documents per task")
+@click.option("--tasks-include", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="a folder of harness task YAML files (local data only) to find tasks in")
+@click.option("--max-task-drop", default=None, metavar="X|TASK=X,...",
+              help="fail when a task scores lower by more (absolute): 0.02 for all, or demo_math_answer=0.02")
 @click.option("--layerwise", is_flag=True, help="run both models one decoder layer at a time, in lockstep")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 def validate(original, compressed, data, output, max_tokens, seq_len, batch_size, max_ppl_increase, min_cosine,
-             layerwise, dtype, device, text_field, overwrite):
+             tasks, task_limit, tasks_include, max_task_drop, layerwise, dtype, device, text_field, overwrite):
     """Compare COMPRESSED with ORIGINAL; exit 0 when every threshold holds, 1 otherwise."""
     plots_dir = output.parent / f"{output.stem}-plots"
     checked_output_path(output, overwrite, reads=[original, compressed])
     checked_output_path(plots_dir, overwrite, directory=True, reads=[original, compressed])
     options = ValidateOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                               device=device, layerwise=layerwise, text_field=text_field,
-                              max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine)
+                              max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
+                              tasks=tuple(parse_task_names(tasks)), task_limit=task_limit,
+                              tasks_include=tuple(map(str, tasks_include)), max_task_drop=parse_task_gate(max_task_drop))
     report = validate_models(original, compressed, parse_named_sources(data), options)
     with atomic_directory(plots_dir, overwrite) as staging:
         plots = [plots_dir / p.name for p in write_validation_plots(report, staging)]
@@ -66,5 +85,6 @@ def validate(original, compressed, data, output, max_tokens, seq_len, batch_size
     if not report.passed:
         click.echo("validation FAILED:\n  " + "\n  ".join(report.failures), err=True)
         sys.exit(1)
-    thresholds = max_ppl_increase is not None or min_cosine is not None
-    click.echo("validation passed" if thresholds else "no thresholds given (--max-ppl-increase, --min-cosine)")
+    thresholds = max_ppl_increase is not None or min_cosine is not None or max_task_drop is not None
+    click.echo("validation passed" if thresholds else
+               "no thresholds given (--max-ppl-increase, --min-cosine, --max-task-drop)")
