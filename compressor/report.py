@@ -138,6 +138,7 @@ def _write_pages(artifacts: list, directory: Path) -> list[Path]:
                 + _table(["decoder layer", "hidden-state cosine (mean)", "5th percentile"],
                          [[layer, f"{r.cosine_mean:.4f}", f"{r.cosine_p5:.4f}"]
                           for layer, r in sorted(artifact.layers.items(), key=lambda item: int(item[0]))])
+                + (_table(*artifact.task_table()) if artifact.tasks else "")
                 + "".join(_image(f, f.stem) for f in figures)
             )
         elif isinstance(artifact, LensReport):

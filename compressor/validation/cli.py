@@ -30,15 +30,9 @@ def summary_table(report) -> str:
                      f"compressed {t.compressed_tokens_per_second:,.0f} "
                      f"({t.compressed_tokens_per_second / t.original_tokens_per_second:.2f}x)")
     if report.tasks:
-        lines.append(f"{'task':24} {'metric':26} {'docs':>5} {'original':>16} {'compressed':>16} {'change':>8}")
-        for name, t in report.tasks.items():
-            lines.append(f"{name:24} {t.metric:26} {t.samples:5d} {_score(t.original, t.original_stderr):>16} "
-                         f"{_score(t.compressed, t.compressed_stderr):>16} {t.change:+8.4f}")
+        headers, rows = report.task_table()
+        lines += [f"{a:24} {b:26} {c:>9} {d:>16} {e:>16} {f:>8}" for a, b, c, d, e, f in [headers, *rows]]
     return "\n".join(lines)
-
-
-def _score(value: float, stderr: float | None) -> str:
-    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
 
 
 @click.command()

@@ -171,7 +171,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     check_ppl_gate(options.max_ppl_increase)
     check_cosine_gate(options.min_cosine)
     ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
-    task_set = _prepare_tasks(options)
+    task_set = prepare_task_set(options)
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir)
@@ -224,7 +224,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     )
 
 
-def _prepare_tasks(options: ValidateOptions):
+def prepare_task_set(options: ValidateOptions):
     """The tasks found and their data loaded (before any model runs), or None without tasks; the task gate and
     limit checked."""
     from compressor.evaluation.harness import check_task_gate, prepare_tasks, task_limits

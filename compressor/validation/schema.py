@@ -82,6 +82,15 @@ class ValidationReport(_Strict):
     passed: bool
     failures: list[str]
 
+    def task_table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the task scores (for the card and the report)."""
+        def score(value: float, stderr: float | None) -> str:
+            return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
+
+        return (["task", "metric", "documents", "original", "compressed", "change"],
+                [[name, t.metric, str(t.samples), score(t.original, t.original_stderr),
+                  score(t.compressed, t.compressed_stderr), f"{t.change:+.4f}"] for name, t in self.tasks.items()])
+
     def save(self, path: str | Path, overwrite: bool = True) -> None:
         save_json_model(self, path, overwrite)
 
