@@ -9,6 +9,7 @@ are read relative to the task's YAML file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -71,10 +72,11 @@ def _quiet():
             datasets.enable_progress_bars()
 
 
-def _manager(include: list[str], defaults: bool):
-    """lm_eval's TaskManager over the shipped and `include` folders (and the harness's own tasks with `defaults`),
-    reading relative data files of local dataset builders relative to each task's YAML file (the harness would
-    read them relative to the working directory)."""
+@functools.lru_cache(maxsize=4)
+def _manager(include: tuple[str, ...], defaults: bool):
+    """lm_eval's TaskManager over the shipped and `include` folders (and the harness's own tasks with `defaults`;
+    indexing them takes seconds, so managers are kept), reading relative data files of local dataset builders
+    relative to each task's YAML file (the harness would read them relative to the working directory)."""
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=[str(SHIPPED_TASKS_DIR), *include], include_defaults=defaults)
@@ -142,9 +144,9 @@ def prepare_tasks(names: list[str], include: list[str] | tuple[str, ...] = ()) -
     except ImportError:
         raise UserError("task evaluation needs lm-evaluation-harness: pip install lm-eval") from None
     with _quiet():
-        manager = _manager(include, defaults=False)
-        if not set(names) <= set(manager.all_tasks):  # the harness's own tasks: indexing them takes seconds
-            manager = _manager(include, defaults=True)
+        manager = _manager(tuple(include), defaults=False)
+        if not set(names) <= set(manager.all_tasks):
+            manager = _manager(tuple(include), defaults=True)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         shipped = sorted(p.stem for p in SHIPPED_TASKS_DIR.glob("*.yaml"))
