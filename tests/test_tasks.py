@@ -30,7 +30,7 @@ from helpers import run_cli
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "models" / "reference"
-LIMIT = 40  # documents per task
+LIMIT = 30  # documents per task
 CODE, MATH = "demo_code_next_line", "demo_math_answer"
 MAX_GEN_TOKENS = 12  # demo_math_answer.yaml
 NUMBER = re.compile(r"^\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)")  # its filter

@@ -263,7 +263,7 @@ def _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options) -> dict
     return {name: TaskResult(metric=a.metric, original=a.value, original_stderr=a.stderr, compressed=b.value,
                              compressed_stderr=b.stderr, change=b.value - a.value,
                              higher_is_better=a.higher_is_better, samples=a.samples)
-            for (name, a), b in zip(scores[0].items(), scores[1].values())}
+            for name, a in scores[0].items() for b in [scores[1][name]]}
 
 
 def gate_failures(domains: dict[str, DomainResult], layers: dict[str, LayerResult], max_ppl_increase,
