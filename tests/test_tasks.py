@@ -189,6 +189,19 @@ def test_heavy_pruning_drops_the_math_score_and_fails_its_gate(gated):
 
 
 @pytest.mark.slow
+def test_tasks_alone_without_held_out_data(gated, pruned, tmp_path, capsys):
+    output = tmp_path / "v.json"
+    code, out, err = run_cli(["validate", REFERENCE, pruned, "--device", "cpu", "--tasks", CODE, "--task-limit", LIMIT,
+                              "-o", output], capsys)
+    assert code == 0, err
+    report = ValidationReport.load(output)
+    assert report.domains == {} and report.layers == {} and report.throughput is None and report.passed
+    assert report.tasks == {CODE: gated[3].tasks[CODE]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json"]  # no perplexity or cosine figures
+    assert f"wrote {output}\n" in out and "ppl original" not in out
+
+
+@pytest.mark.slow
 def test_task_gates_pass_and_fail_by_their_limits(gated):
     report = gated[3]
     drops = {name: t.original - t.compressed for name, t in report.tasks.items()}
@@ -281,12 +294,23 @@ BAD = {  # the first two index the installed harness's tasks (seconds)
 }
 
 
+NO_DATA = {  # without -d
+    "neither data nor tasks": ([], "nothing to validate"),
+    "perplexity gate without data": (["--tasks", CODE, "--max-ppl-increase", "0.1"], "need held-out data"),
+}
+
+
 @pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if i < 2 else case
-                                  for i, case in enumerate(BAD)])
+                                  for i, case in enumerate(BAD)] + list(NO_DATA))
 def test_bad_task_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
-    extra, expected = BAD[case]
     output = tmp_path / "v.json"
-    code, out, err = run_cli(validate_argv(REFERENCE, output, *extra), capsys)
+    if case in NO_DATA:
+        extra, expected = NO_DATA[case]
+        argv = ["validate", REFERENCE, REFERENCE, "-o", output, *extra]
+    else:
+        extra, expected = BAD[case]
+        argv = validate_argv(REFERENCE, output, *extra)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2, (case, out, err)
     lines = err.strip("\n").splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err

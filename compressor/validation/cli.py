@@ -1,4 +1,4 @@
-"""`moe-compress validate ORIGINAL COMPRESSED -d NAME=SOURCE ... [--tasks TASK,...] -o validation.json`."""
+"""`moe-compress validate ORIGINAL COMPRESSED [-d NAME=SOURCE ...] [--tasks TASK,...] -o validation.json`."""
 
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ from compressor.validation.runner import ValidateOptions, parse_ppl_gate, valida
 
 
 def summary_table(report) -> str:
-    lines = [f"{'domain':12} {'tokens':>8} {'ppl original':>13} {'ppl compressed':>15} {'change':>8} "
-             f"{'KL':>8} {'top-1 agree':>12}"]
+    lines = []
+    if report.domains:
+        lines.append(f"{'domain':12} {'tokens':>8} {'ppl original':>13} {'ppl compressed':>15} {'change':>8} "
+                     f"{'KL':>8} {'top-1 agree':>12}")
     for name, d in report.domains.items():
         lines.append(f"{name:12} {d.tokens:8d} {d.perplexity_original:13.3f} {d.perplexity_compressed:15.3f} "
                      f"{100 * d.perplexity_increase:+7.1f}% {d.kl_mean:8.4f} {100 * d.top1_agreement:11.1f}%")
-    worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
-    lines.append(f"lowest hidden-state cosine: layer {worst[0]} (mean {worst[1].cosine_mean:.4f}, "
-                 f"5th percentile {worst[1].cosine_p5:.4f})")
+    if report.layers:
+        worst = min(report.layers.items(), key=lambda item: item[1].cosine_mean)
+        lines.append(f"lowest hidden-state cosine: layer {worst[0]} (mean {worst[1].cosine_mean:.4f}, "
+                     f"5th percentile {worst[1].cosine_p5:.4f})")
     if report.throughput is not None:
         t = report.throughput
         lines.append(f"forward tokens/s ({t.device}, {t.threads} threads): original {t.original_tokens_per_second:,.0f}, "
@@ -38,8 +41,9 @@ def summary_table(report) -> str:
 @click.command()
 @click.argument("original")
 @click.argument("compressed")
-@click.option("-d", "--data", "data", multiple=True, required=True, metavar="NAME=SOURCE",
-              help=f"held-out domain; SOURCE: {SOURCE_FORMS} (demo: defaults to the evaluation split)")
+@click.option("-d", "--data", "data", multiple=True, metavar="NAME=SOURCE",
+              help=f"held-out domain; SOURCE: {SOURCE_FORMS} (demo: defaults to the evaluation split); "
+                   "optional with --tasks")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="validation JSON to write")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="tokens per domain")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
@@ -70,12 +74,15 @@ def validate(original, compressed, data, output, max_tokens, seq_len, batch_size
                               max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
                               tasks=tuple(parse_task_names(tasks)), task_limit=task_limit,
                               tasks_include=tuple(map(str, tasks_include)), max_task_drop=parse_task_gate(max_task_drop))
-    report = validate_models(original, compressed, parse_named_sources(data), options)
-    with atomic_directory(plots_dir, overwrite) as staging:
-        plots = [plots_dir / p.name for p in write_validation_plots(report, staging)]
+    report = validate_models(original, compressed, parse_named_sources(data) if data else {}, options)
+    wrote = f"wrote {output}"
+    if report.domains:  # the figures are of perplexity and cosine
+        with atomic_directory(plots_dir, overwrite) as staging:
+            plots = [plots_dir / p.name for p in write_validation_plots(report, staging)]
+        wrote += f" and {', '.join(p.name for p in plots)} in {plots_dir}"
     report.save(output, overwrite)
     click.echo(summary_table(report))
-    click.echo(f"wrote {output} and {', '.join(p.name for p in plots)} in {plots[0].parent}")
+    click.echo(wrote)
     if not report.passed:
         click.echo("validation FAILED:\n  " + "\n  ".join(report.failures), err=True)
         sys.exit(1)

@@ -172,6 +172,10 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     check_cosine_gate(options.min_cosine)
     ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
     task_set = prepare_task_set(options)
+    if not loaded and task_set is None:
+        raise UserError("nothing to validate: give held-out data (-d NAME=SOURCE) and/or tasks (--tasks)")
+    if not loaded and (options.max_ppl_increase is not None or options.min_cosine is not None):
+        raise UserError("perplexity and cosine gates need held-out data (-d NAME=SOURCE)")
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir)
@@ -196,7 +200,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     accumulators = {name: _DomainAccumulator() for name in loaded}
     layer_cosines: dict[int, list[torch.Tensor]] = {}
     run = _run_layerwise if options.layerwise else _run_whole
-    throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options)
+    throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options) if work else None
     tasks = {} if task_set is None else _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options)
     for checkpoint in checkpoints:
         checkpoint.close()
