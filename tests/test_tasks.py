@@ -259,6 +259,7 @@ def test_export_scores_tasks_into_validation_json_and_card(root, gated):
     assert f"| {MATH} | exact_match,first-number | {LIMIT} | {score:.4f} ± {error:.4f} | 0.0000 ± 0.0000 |" in card
 
 
+@pytest.mark.slow
 def test_recipe_reads_task_keys_and_checks_tasks_before_running(tmp_path):
     from compressor.recipe import check_recipe_runnable, load_recipe
 
