@@ -169,8 +169,18 @@ def _validation_section(report) -> list[str]:
         lines += [f"Forward throughput on the validation batches ({t.device}, {t.threads} threads): "
                   f"{t.original_tokens_per_second:,.0f} tokens/s original, {t.compressed_tokens_per_second:,.0f} "
                   f"compressed.", ""]
+    if report.tasks:
+        headers, rows = report.task_table()
+        lines += [f"Tasks (lm-evaluation-harness, both models on the same documents{_limit(report)}):", "",
+                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                  *("| " + " | ".join(row) + " |" for row in rows), ""]
     lines += ["![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
     return lines
+
+
+def _limit(report) -> str:
+    limit = report.settings.get("tasks", {}).get("limit")
+    return f", the first {limit} per task" if limit else ""
 
 
 def _fit_summary(fit: dict) -> str:
