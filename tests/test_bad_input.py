@@ -375,7 +375,8 @@ CASES: list[tuple[str, Callable]] = [
     ("push of a folder that is not an export", lambda w, t: ["push", t, "someone/model"]),
     ("push to a malformed repo id", lambda w, t: ["push", w.out, "not a repo id"]),
     ("serve-check of a missing folder", lambda w, t: ["serve-check", t / "nope"]),
-    ("serve-check of a per-layer output", lambda w, t: ["serve-check", _per_layer_output(w, t)]),
+    ("serve-check of a per-layer count the tensors disagree with",
+     lambda w, t: ["serve-check", _per_layer_output(w, t)]),
 ]
 
 

@@ -88,8 +88,9 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
             click.echo("validation FAILED (the output is written and its model card says so):\n  "
                        + "\n  ".join(result.validation.failures), err=True)
     if not plan.is_uniform():
-        click.echo("note: non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
-                   "load the output with moe-compress's modeling code (import compressor, or trust_remote_code=True)")
+        from compressor.planning import non_uniform_note
+
+        click.echo(f"note: {non_uniform_note(plan.model.family)}")
     failed = result.validation is not None and not result.validation.passed
     if push_to_hub and failed:
         click.echo(f"not pushing to {push_to_hub}: validation failed (`moe-compress push --force` would)", err=True)
