@@ -29,6 +29,7 @@ import compressor
 from compressor.errors import UserError
 from compressor.export import ExportOptions, export_checkpoint
 from compressor.export.exporter import ExportValidation, FitOptions, RunOptions
+from compressor.families import detect_family
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
 from compressor.planning import Plan
 from compressor.profiling.schema import config_hash
@@ -130,7 +131,9 @@ def tree_hashes(directory: Path) -> dict[str, tuple[str, int]]:
 
 def identity(source: Path, family: str = "deepseek_moe", experts: int = 8, layers=MOE_LAYERS, top_k: int = 2) -> dict:
     config = json.loads((source / "config.json").read_text())
-    return {"source": str(source), "family": family, "config_hash": config_hash(config), "moe_layers": list(layers),
+    top_k_key = detect_family(config).top_k_key
+    return {"source": str(source), "family": family, "config_hash": config_hash(config, top_k_key),
+            "moe_layers": list(layers),
             "experts_per_layer": {str(layer): experts for layer in layers}, "top_k": top_k}
 
 

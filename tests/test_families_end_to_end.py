@@ -240,7 +240,7 @@ def write_plan(directory: Path, path: Path, keep: dict[int, list[int]], top_k: i
     config = json.loads((directory / "config.json").read_text())
     family = detect_family(config)
     layers = family.moe_layers(config)
-    model = {"source": str(directory), "family": family.name, "config_hash": config_hash(config), "moe_layers": layers,
+    model = {"source": str(directory), "family": family.name, "config_hash": config_hash(config, family.top_k_key), "moe_layers": layers,
              "experts_per_layer": {str(layer): family.num_experts(config, layer) for layer in layers},
              "top_k": family.top_k(config)}
     path.write_text(json.dumps({"format_version": 1, "model": model, "top_k": top_k, "compensation": compensation,

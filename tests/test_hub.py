@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
     DeepseekForCausalLM(DeepseekConfig(**TINY)).eval().save_pretrained(root / "source")
     config = json.loads((root / "source" / "config.json").read_text())
     family = detect_family(config)
-    identity = {"source": str(root / "source"), "family": family.name, "config_hash": config_hash(config),
+    identity = {"source": str(root / "source"), "family": family.name, "config_hash": config_hash(config, family.top_k_key),
                 "moe_layers": family.moe_layers(config),
                 "experts_per_layer": {str(layer): family.num_experts(config, layer)
                                       for layer in family.moe_layers(config)},

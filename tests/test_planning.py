@@ -49,7 +49,7 @@ CONFIG = {
 
 def identity(config=CONFIG, family="deepseek_moe", layers=(1, 2), experts=8, top_k=2) -> ModelIdentity:
     return ModelIdentity(
-        source="tiny-deepseek", family=family, config_hash=config_hash(config), moe_layers=list(layers),
+        source="tiny-deepseek", family=family, config_hash=config_hash(config, "num_experts_per_tok"), moe_layers=list(layers),
         experts_per_layer={str(layer): experts for layer in layers}, top_k=top_k,
     )
 
@@ -81,6 +81,14 @@ TWO_DOMAINS = {"code": {1: CODE_L1}, "math": {1: MATH_L1}}
 
 
 # -- uniform, ties, defaults ---------------------------------------------------------------------------
+
+
+def test_config_hash_ignores_the_familys_routing_width_only():
+    base = config_hash(CONFIG, "num_experts_per_tok")
+    assert config_hash({**CONFIG, "num_experts_per_tok": 1}, "num_experts_per_tok") == base  # a top-k override
+    assert config_hash({**CONFIG, "moe_k": 1}, "moe_k") == config_hash(CONFIG, "moe_k")  # another family's key
+    assert config_hash({**CONFIG, "num_experts_per_tok": 1}, "moe_k") != config_hash(CONFIG, "moe_k")
+    assert config_hash({**CONFIG, "n_routed_experts": 4}, "num_experts_per_tok") != base
 
 
 def test_uniform_keeps_the_most_used_experts_with_ties_to_lower_ids():

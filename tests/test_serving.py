@@ -52,7 +52,7 @@ def hand_plan(source: Path, keep: dict[int, list[int]] | list[int], top_k: int, 
     family = detect_family(config)
     layers = family.moe_layers(config)
     identity = ModelIdentity(
-        source=str(source), family=family.name, config_hash=config_hash(config), moe_layers=layers,
+        source=str(source), family=family.name, config_hash=config_hash(config, family.top_k_key), moe_layers=layers,
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in layers},
         top_k=family.top_k(config),
     )

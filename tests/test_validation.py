@@ -50,7 +50,7 @@ def make_plan(source: Path, keep=KEEP, top_k: int = 1, compensation: str = "none
 
     config = json.loads((source / "config.json").read_text())
     family = detect_family(config)
-    identity = {"source": str(source), "family": family.name, "config_hash": config_hash(config),
+    identity = {"source": str(source), "family": family.name, "config_hash": config_hash(config, family.top_k_key),
                 "moe_layers": family.moe_layers(config),
                 "experts_per_layer": {str(layer): family.num_experts(config, layer)
                                       for layer in family.moe_layers(config)},

@@ -174,7 +174,7 @@ def lens_model(model: str, sources: dict[str, str], options: LensOptions | None 
                                    source=SourceDescription(**loaded[name].description()),
                                    layers={str(layer): s.result() for layer, s in layers.items()})
     identity = ModelIdentity(
-        source=model, revision=revision, family=family.name, config_hash=config_hash(config), moe_layers=moe_layers,
+        source=model, revision=revision, family=family.name, config_hash=config_hash(config, family.top_k_key), moe_layers=moe_layers,
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in moe_layers},
         top_k=family.top_k(config))
     settings = LensSettings(max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,

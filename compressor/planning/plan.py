@@ -181,7 +181,7 @@ def check_plan_matches(plan: Plan, config: Mapping, family) -> dict[int, list[in
                 f"{label} is for another model (expert count differs: layer {layer} has {planned} experts in the "
                 f"plan's model, {actual} in this one); it was made for {plan.model.source}"
             )
-    actual_hash = config_hash(dict(config))
+    actual_hash = config_hash(dict(config), family.top_k_key)
     if plan.model.config_hash != actual_hash:
         raise UserError(
             f"{label} is for another model (config hash differs: the plan's {plan.model.config_hash[:12]}, "

@@ -53,7 +53,7 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
         source=model,
         revision=revision,
         family=family.name,
-        config_hash=config_hash(config),
+        config_hash=config_hash(config, family.top_k_key),
         moe_layers=family.moe_layers(config),
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in family.moe_layers(config)},
         top_k=family.top_k(config),

@@ -106,9 +106,10 @@ class Profile(_Strict):
         return load_json_model(cls, path, "profile")
 
 
-def config_hash(config: dict) -> str:
-    """Hash of a model's architecture: config.json without bookkeeping keys that do not change the weights."""
+def config_hash(config: dict, top_k_key: str) -> str:
+    """Hash of a model's architecture: config.json without bookkeeping keys that do not change the weights, nor
+    the family's routing width (`top_k_key`: a top-k override keeps the weights)."""
     ignored = {"transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map", "architectures",
-               "use_cache", "num_experts_per_tok"}
+               "use_cache", top_k_key}
     canonical = json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()

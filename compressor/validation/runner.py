@@ -90,7 +90,7 @@ def _cosines(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 
 def _model_ref(source: str, checkpoint) -> ModelRef:
     reader = checkpoint.reader
-    return ModelRef(source=source, family=checkpoint.family.name, config_hash=config_hash(reader.config),
+    return ModelRef(source=source, family=checkpoint.family.name, config_hash=config_hash(reader.config, checkpoint.family.top_k_key),
                     parameters=reader.total_parameters, bytes=reader.total_bytes)
 
 
