@@ -15,8 +15,8 @@ from compressor.quantize.quantizer import SCHEMES
 @click.argument("source", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="quantized output directory")
 @click.option("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
-@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True,
-              help="w8a16/w4a16: input columns sharing one scale")
+@click.option("--group-size", type=click.IntRange(min=0), default=128, show_default=True,
+              help="w8a16/w4a16: input columns sharing one scale; 0: one scale per output channel")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 2GB")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT_Q")
 @click.option("--no-validate", is_flag=True, help="skip the validation (original vs quantized)")

@@ -34,7 +34,7 @@ _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
 @dataclass
 class QuantizeOptions:
     scheme: str = "w4a16"
-    group_size: int = 128  # int schemes: input columns per scale
+    group_size: int = 128  # int schemes: input columns per scale; 0: per output channel
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     progress: bool = True
@@ -60,8 +60,10 @@ def quantization_scheme(scheme: str, group_size: int = 128):
     if scheme not in SCHEMES:
         raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     result = preset_name_to_scheme(SCHEMES[scheme], ["Linear"])
-    if result.weights.group_size is not None:
+    if result.weights.group_size is not None and group_size:
         result.weights.group_size = group_size
+    elif result.weights.group_size is not None:  # 0: one scale per output channel
+        result.weights = result.weights.model_copy(update={"strategy": "channel", "group_size": None})
     return result
 
 
