@@ -189,7 +189,8 @@ def test_cli_quantizes_validates_and_gates(outputs, tmp_path, capsys):
     assert "w8a16" in stdout and "weights quantized" in stdout and "ppl original" in stdout
     report = json.loads((out / "validation.json").read_text())
     assert report["compressed"]["source"] == str(out) and report["original"]["source"] == str(REFERENCE)
-    assert "Validation of the quantized model" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Validation of the quantized model" in card and "the unquantized export" in card
     # a gate the quantized model fails: exit 1, the output is written and says so
     failed = tmp_path / "q-failed"
     code, _, err = run_cli(["quantize", outputs["pruned"], "-o", failed, "--scheme", "w4a16", "--group-size", GROUP,

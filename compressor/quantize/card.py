@@ -25,7 +25,10 @@ def write_quantized_card(directory: Path, source: Path, path_hint: str, provenan
         f"- size: {_size(q['bytes'])} of weights (the unquantized export: {_size(q['source_bytes'])}; the original "
         f"model: {_size(provenance['source_bytes'])})",
         f"- load: `AutoModelForCausalLM.from_pretrained(\"{path_hint}\")` (transformers dequantizes with "
-        f"compressed-tensors installed); serve: `vllm serve {path_hint}`",
+        "compressed-tensors installed); serve with vLLM as below (vLLM's CPU build serves w4a16 only)",
+        "",
+        "The sections after this one describe the unquantized export; its validation report is "
+        "`export_validation.json` (plots in `export_plots/`).",
         "",
     ]
     if validation is None:
@@ -37,6 +40,8 @@ def write_quantized_card(directory: Path, source: Path, path_hint: str, provenan
     text = card.content
     head, title, rest = text.partition("\n# ")
     first_line, _, body = rest.partition("\n")
+    body = body.replace("](plots/", "](export_plots/").replace("Full report: `validation.json`",
+                                                                  "Full report: `export_validation.json`")
     text = f"{head}\n# {first_line} ({q['scheme']})\n\n" + "\n".join(section) + "\n" + body.lstrip("\n")
     card = ModelCard(text)
     path = directory / "README.md"

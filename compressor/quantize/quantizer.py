@@ -195,6 +195,10 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
         for name in _COPIED:
             if (source / name).exists():
                 shutil.copyfile(source / name, staging / name)
+        if (source / "validation.json").exists():  # the export's own validation, next to the quantized one
+            shutil.copyfile(source / "validation.json", staging / "export_validation.json")
+        if (source / "plots").is_dir():
+            shutil.copytree(source / "plots", staging / "export_plots")
         provenance = json.loads((source / PROVENANCE_FILE).read_text())
         provenance["quantization"] = {
             "scheme": options.scheme, "format": fmt.value, "method": "round-to-nearest (min/max)",
