@@ -148,10 +148,10 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
     compressor = BaseCompressor.get_value_from_registry(fmt.value)
 
     def compressed(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        if weight.device.type == "meta":
-            scale = torch.empty(rtn_qparams(torch.zeros(weight.shape), scheme.weights)[0].shape, dtype=weight.dtype,
-                                device="meta")
-            state = {"weight": weight, "weight_scale": scale}
+        if weight.device.type == "meta":  # planning: the compressor gives the output tensors' shapes and dtypes
+            rows, columns = weight.shape
+            shape = {"group": (rows, columns // (group or 1)), "channel": (rows, 1)}.get(scheme.weights.strategy, (1,))
+            state = {"weight": weight, "weight_scale": torch.empty(shape, dtype=weight.dtype, device="meta")}
         else:
             scale, zero_point = rtn_qparams(weight, scheme.weights)
             state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}
