@@ -69,7 +69,7 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
             "--strategy uniform) or load this output with moe-compress's modeling code (import compressor, or "
             "trust_remote_code=True) instead of vLLM"
         )
-    checkpoint = open_checkpoint(directory)
+    checkpoint = open_checkpoint(directory, quantized=True)
     checkpoint.close()
     moe = family.moe_layers(config)
     counts = sorted({family.num_experts(config, layer) for layer in moe})
