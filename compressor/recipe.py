@@ -75,6 +75,11 @@ class ValidateStage(_Section):
     max_ppl_increase: float | dict[str, float] | None = Field(
         None, description="relative limit for every domain, or {domain: limit} for the domains it names")
     min_cosine: float | None = None
+    tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks scored on both models")
+    task_limit: PositiveInt | None = None
+    tasks_include: list[str] = Field(default_factory=list, description="folders of harness task YAML files")
+    max_task_drop: float | dict[str, float] | None = Field(
+        None, description="absolute limit for every task, or {task: limit} for the tasks it names")
 
 
 class QuantizeStage(_Section):
@@ -199,7 +204,8 @@ def _export_options(recipe: Recipe):
                                               e2e_steps=e.distill_e2e_steps, e2e_lr=e.distill_e2e_lr)),
         validation=ExportValidation() if validate is None else ExportValidation(
             data=validate.domains, max_tokens=validate.max_tokens, max_ppl_increase=validate.max_ppl_increase,
-            min_cosine=validate.min_cosine))
+            min_cosine=validate.min_cosine, tasks=tuple(validate.tasks), task_limit=validate.task_limit,
+            tasks_include=tuple(validate.tasks_include), max_task_drop=validate.max_task_drop))
 
 
 def _at(key: str, check, *args, **kwargs):
@@ -261,8 +267,11 @@ def check_recipe_runnable(recipe: Recipe) -> None:
     for name, spec in _lens_domains(recipe).items():
         at(f"lens.domains.{name}", check_source, spec, default_split="evaluation")
     if recipe.validate_ is not None:
+        from compressor.export.exporter import check_tasks_can_run
+
         for name, spec in recipe.validate_.domains.items():
             at(f"validate.domains.{name}", check_source, spec, default_split="evaluation")
+        at("validate.tasks", check_tasks_can_run, _export_options(recipe))
     if recipe.push is not None:
         from compressor.hub import check_push_ready
 

@@ -124,7 +124,7 @@ def _write_pages(artifacts: list, directory: Path) -> list[Path]:
                          + [f"routing retained: {d}" for d in domains], rows)
             )
         elif isinstance(artifact, ValidationReport):
-            figures = write_validation_plots(artifact, directory)
+            figures = write_validation_plots(artifact, directory) if artifact.domains else []
             verdict = "passed" if artifact.passed else "FAILED: " + "; ".join(artifact.failures)
             rows = [[n, d.tokens, f"{d.perplexity_original:.3f}", f"{d.perplexity_compressed:.3f}",
                      f"{100 * d.perplexity_increase:+.1f}%", f"{d.kl_mean:.4f}", f"{100 * d.top1_agreement:.1f}%"]
@@ -133,11 +133,13 @@ def _write_pages(artifacts: list, directory: Path) -> list[Path]:
                 f"<h2>Validation: {html.escape(verdict)}</h2>"
                 f"<p>{artifact.compressed.parameters / 1e6:.1f}M parameters "
                 f"(original {artifact.original.parameters / 1e6:.1f}M).</p>"
-                + _table(["domain", "tokens", "perplexity original", "perplexity compressed", "change",
-                          "KL (nats)", "top-1 agreement"], rows)
-                + _table(["decoder layer", "hidden-state cosine (mean)", "5th percentile"],
-                         [[layer, f"{r.cosine_mean:.4f}", f"{r.cosine_p5:.4f}"]
-                          for layer, r in sorted(artifact.layers.items(), key=lambda item: int(item[0]))])
+                + (_table(["domain", "tokens", "perplexity original", "perplexity compressed", "change",
+                           "KL (nats)", "top-1 agreement"], rows) if rows else "")
+                + (_table(["decoder layer", "hidden-state cosine (mean)", "5th percentile"],
+                          [[layer, f"{r.cosine_mean:.4f}", f"{r.cosine_p5:.4f}"]
+                           for layer, r in sorted(artifact.layers.items(), key=lambda item: int(item[0]))])
+                   if artifact.layers else "")
+                + (_table(*artifact.task_table()) if artifact.tasks else "")
                 + "".join(_image(f, f.stem) for f in figures)
             )
         elif isinstance(artifact, LensReport):

@@ -318,12 +318,18 @@ CASES: list[tuple[str, Callable]] = [
                                              "--min-cosine", "nan"]),
     ("export cosine gate above 1", lambda w, t: ["export", M(w), w.plan, "-o", t / "o", "--validate-on", D(w),
                                                  "--min-cosine", "2"]),
+    ("export unknown task", lambda w, t: ["export", M(w), w.plan, "-o", t / "o", "--validate-on", D(w),
+                                          "--validate-tasks", "demo_nonexistent"]),
+    ("export task gate without tasks", lambda w, t: ["export", M(w), w.plan, "-o", t / "o", "--validate-on", D(w),
+                                                     "--max-task-drop", "0.02"]),
     ("export --push-to-hub to a malformed repo id", lambda w, t: ["export", M(w), w.plan, "-o", t / "o",
                                                                   "--push-to-hub", "a/b/c"]),
     # validate
     ("validate into the original", lambda w, t: ["validate", M(w), w.out, "-d", D(w),
                                                  "-o", w.model / "model.safetensors", "--overwrite"]),
     ("validate into the compressed", lambda w, t: ["validate", M(w), w.out, "-d", D(w), "-o", w.out / "v.json"]),
+    ("validate tasks without a tokenizer", lambda w, t: ["validate", M(w), w.out, "-d", D(w), "-o", t / "v.json",
+                                                         "--tasks", "demo_code_next_line"]),
     ("validate ppl gate NaN", lambda w, t: ["validate", M(w), w.out, "-d", D(w), "-o", t / "v.json",
                                             "--max-ppl-increase", "nan"]),
     ("validate ppl gate unreadable", lambda w, t: ["validate", M(w), w.out, "-d", D(w), "-o", t / "v.json",
@@ -358,6 +364,8 @@ CASES: list[tuple[str, Callable]] = [
     ("recipe shard size unreadable", lambda w, t: ["run", _recipe(w, t, export__max_shard_size="abc")]),
     ("recipe gate NaN", lambda w, t: ["run", _recipe(w, t, validate={"domains": {"code": str(w.data)},
                                                                      "max_ppl_increase": math.nan})]),
+    ("recipe unknown task", lambda w, t: ["run", _recipe(w, t, validate={"domains": {"code": str(w.data)},
+                                                                         "tasks": ["demo_nonexistent"]})]),
     ("recipe work dir under a file", lambda w, t: ["run", _recipe(w, t, work_dir=str(w.afile / "work"))]),
     ("recipe work dir inside the model", lambda w, t: ["run", _recipe(w, t, work_dir=str(w.model / "work"))]),
     ("recipe data missing", lambda w, t: ["run", _recipe(w, t, profile__domains={"code": str(t / "none.jsonl")})]),
@@ -367,7 +375,8 @@ CASES: list[tuple[str, Callable]] = [
     ("push of a folder that is not an export", lambda w, t: ["push", t, "someone/model"]),
     ("push to a malformed repo id", lambda w, t: ["push", w.out, "not a repo id"]),
     ("serve-check of a missing folder", lambda w, t: ["serve-check", t / "nope"]),
-    ("serve-check of a per-layer output", lambda w, t: ["serve-check", _per_layer_output(w, t)]),
+    ("serve-check of a per-layer count the tensors disagree with",
+     lambda w, t: ["serve-check", _per_layer_output(w, t)]),
 ]
 
 

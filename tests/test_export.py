@@ -448,7 +448,7 @@ def test_output_carries_tokenizer_plan_provenance_card_and_modeling_code(source,
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     code, stdout, err = run_cli(["export", source, plan_path, "-o", out, "--no-validate"], capsys)
     assert code == 0, err
-    assert "non-uniform plan" in stdout
+    assert "non-uniform plan" in stdout and "vLLM serves it with moe-compress's vLLM plugin" in stdout
 
     for name in TOKENIZER_FILES:
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
@@ -482,6 +482,10 @@ def test_output_carries_tokenizer_plan_provenance_card_and_modeling_code(source,
     assert "3 / 8" in rows["1"] and "1, 3, 6" in rows["1"]
     assert "5 / 8" in rows["2"] and "0, 2, 4, 5, 7" in rows["2"]
     assert "trust_remote_code=True" in card.text
+    # per-layer counts: vLLM serves it through moe-compress's plugin, which the card says how to install
+    assert "`DeepseekForCausalLMPerLayer`" in card.text and "scripts/setup_vllm.sh" in card.text
+    assert f"`vllm serve {out} --trust-remote-code`" in card.text
+    assert "vLLM and plain transformers need the same" not in card.text
     assert f"{model_parameters / 1e6:.2f}M parameters (was " in card.text and f"{source_parameters / 1e6:.2f}M)" in card.text
 
 

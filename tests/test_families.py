@@ -277,9 +277,12 @@ def test_deepseek_moe_pruned_config_per_layer(moe16b_config):
     config = family.build_config(new)
     assert [config.routed_experts_in_layer(layer) for layer in range(1, 28)] == [counts[l] for l in range(1, 28)]
     assert [family.num_experts(new, layer) for layer in range(1, 28)] == [counts[l] for l in range(1, 28)]
-    # Re-pruning a per-layer checkpoint back to uniform drops the per-layer key.
+    # vLLM's class for it comes from moe-compress's vLLM plugin
+    assert new["architectures"] == ["DeepseekForCausalLMPerLayer"] == [family.vllm_per_layer_architecture]
+    # Re-pruning a per-layer checkpoint back to uniform drops the per-layer key and names vLLM's own class again.
     again = family.pruned_config(new, {layer: [0, 1, 2] for layer in range(1, 28)}, top_k=1)
     assert again["n_routed_experts"] == 3 and "n_routed_experts_per_layer" not in again
+    assert again["architectures"] == ["DeepseekForCausalLM"]
 
 
 def test_per_layer_pruned_config_builds_a_model():
@@ -322,7 +325,8 @@ def test_deepseek_v2_pruned_config_per_layer_counts():
     new = family.pruned_config(V2_LITE, ragged, top_k=1)
     assert new["n_routed_experts_per_layer"] == {"4": 16}
     assert "per-layer modeling file" in family.native_transformers_support(V2_LITE, ragged, 1)
-    assert family.model_class(new).__name__ == "DeepseekV2ForCausalLMPerLayer"
+    # the same name for transformers' per-layer class and the vLLM plugin's
+    assert family.model_class(new).__name__ == "DeepseekV2ForCausalLMPerLayer" == new["architectures"][0]
 
 
 def test_deepseek_v2_grouped_router_constraints():

@@ -11,12 +11,12 @@ import fixtures
 from compressor.errors import UserError
 from compressor.families import get_family
 from compressor.planning import (
-    NON_UNIFORM_WARNING,
     Plan,
     PlanOptions,
     check_plan_matches,
     format_plan_table,
     make_plan,
+    non_uniform_note,
     parse_domains,
     parse_protect,
 )
@@ -327,7 +327,7 @@ def test_hand_written_minimal_plan_loads(tmp_path, capsys):
     assert plan.kept() == {1: [1, 3, 5], 2: [0, 7]}
     assert not plan.is_uniform()
     table = format_plan_table(plan)
-    assert "hand-written" in table and NON_UNIFORM_WARNING in table
+    assert "hand-written" in table and non_uniform_note("deepseek_moe") in table
     assert check_plan_matches(plan, CONFIG, get_family("deepseek_moe")) == {1: [1, 3, 5], 2: [0, 7]}
 
 
@@ -404,7 +404,7 @@ def test_cli_default_command_writes_plan_and_table(tmp_path, profile_file, capsy
     assert plan.strategy.name == "uniform" and plan.strategy.parameters["keep_fraction"] == 0.5
     assert all(len(v) == 4 for v in plan.kept().values())
     assert "uniform plan: 4 experts kept in every MoE layer" in out
-    assert NON_UNIFORM_WARNING not in out
+    assert non_uniform_note("deepseek_moe") not in out
 
     code, out, err = run_cli(["plan", "show", str(output)], capsys)
     assert code == 0, err
@@ -417,14 +417,23 @@ def test_cli_non_uniform_plan_and_show(tmp_path, profile_file, capsys):
                               "--coverage", "0.8", "--domains", "code", "--protect", "2:3", "--top-k", "1"], capsys)
     assert code == 0, err
     assert Plan.load(output).kept() == {1: [0, 1, 2], 2: [0, 3]}
-    assert NON_UNIFORM_WARNING in out
+    assert non_uniform_note("deepseek_moe") in out
     code, out, err = run_cli(["plan", "show", str(output)], capsys)
     assert code == 0, err
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()[:1].isdigit()}
     # layer, kept / total, then % of code's and of math's routing decisions retained
     assert rows["1"] == ["1", "3", "/", "8", "85.0%", "30.0%"]  # code 40+30+15 of 100; math 30 of 100
     assert rows["2"] == ["2", "2", "/", "8", "100.0%", "25.0%"]  # code 100 of 100; math 2 of 8
-    assert NON_UNIFORM_WARNING in out
+    assert non_uniform_note("deepseek_moe") in out
+
+
+def test_non_uniform_note_says_how_vllm_serves_per_layer_counts(monkeypatch):
+    note = non_uniform_note("deepseek_moe")
+    assert "plain transformers needs the same expert count in every layer" in note
+    assert "vLLM serves it with moe-compress's vLLM plugin" in note
+    assert "scripts/setup_vllm.sh" in note and "pip install plugins/vllm" in note
+    monkeypatch.setattr(type(get_family("qwen3_moe")), "vllm_per_layer_architecture", None)
+    assert "vLLM cannot serve it" in non_uniform_note("qwen3_moe")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,11 +1,14 @@
-"""Serving compressed outputs with vLLM: uniform DeepSeekMoE and DeepSeek-V2 outputs load and generate in vLLM, and
-their prompt logprobs (fp32) equal moe-compress's transformers implementation on the same tokens; top-1 routing with
+"""Serving compressed outputs with vLLM: uniform DeepSeekMoE, DeepSeek-V2 and Qwen3-MoE outputs load and generate in
+vLLM without moe-compress's plugin, and their prompt logprobs (fp32) equal moe-compress's transformers implementation on
+the same tokens; outputs with per-layer expert counts of every family (the reference model, tiny random Qwen3-MoE,
+Qwen2-MoE, Mixtral, OLMoE and DeepSeek-V2) do the same in vLLM through the plugin (plugins/vllm); top-1 routing with
 and without renormalisation means the same in both runtimes; the shipped configuration/modeling files run under
 vLLM's transformers as well as ours; `moe-compress serve-check` and its bad-input errors.
 
-vLLM lives in its own venv (`.venv-vllm`, made by scripts/setup_vllm.sh; $MOE_COMPRESS_VLLM_PYTHON overrides the
-interpreter). Without it the vLLM tests are skipped with a reason naming the script; the bad-input tests need no vLLM.
-The vLLM run is shared by the tests (and by pytest-xdist workers, through a file lock) and takes 1-3 minutes.
+vLLM lives in its own venv (`.venv-vllm`, made by scripts/setup_vllm.sh with the plugin; $MOE_COMPRESS_VLLM_PYTHON
+overrides the interpreter). Without it the vLLM tests are skipped with a reason naming the script; the bad-input tests
+need no vLLM. Each vLLM run is shared by the tests (and by pytest-xdist workers, through a file lock) and takes 1-4
+minutes.
 """
 
 from __future__ import annotations
@@ -27,15 +30,17 @@ from compressor.families import detect_family
 from compressor.io import CheckpointReader
 from compressor.planning import Plan
 from compressor.profiling.schema import ModelIdentity, config_hash
-from compressor.serving import check_servable, run_vllm, transformers_logprob_diff
-from compressor.families import get_family
+from compressor.serving import PLUGIN_ENTRY_POINT, check_servable, plugin_state, run_vllm, transformers_logprob_diff
+from compressor.families import FAMILIES
 from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "models" / "reference"
+PLUGIN = REPO / "plugins" / "vllm"
 VLLM_PYTHON = Path(os.environ.get("MOE_COMPRESS_VLLM_PYTHON") or REPO / ".venv-vllm" / "bin" / "python")
 TOLERANCE = 1e-4
 PROMPT_LEN, PROMPTS = 48, 3
+NO_PLUGINS = {"VLLM_PLUGINS": ""}  # vLLM loads no general plugin: vanilla vLLM
 
 
 # -- outputs --------------------------------------------------------------------------------------------------------
@@ -99,7 +104,31 @@ def tiny_qwen3_moe(directory: Path) -> Path:
     return directory
 
 
+def tiny_native_moe(directory: Path, family: str) -> Path:
+    """A random Qwen2-MoE, Mixtral or OLMoE (8 experts, top-2, head_dim 32) with the reference model's tokenizer."""
+    import transformers
+
+    prefix, extra = {
+        "qwen2_moe": ("Qwen2Moe", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                       norm_topk_prob=False)),
+        "mixtral": ("Mixtral", dict(num_local_experts=8, intermediate_size=64)),
+        "olmoe": ("Olmoe", dict(num_experts=8, intermediate_size=64, norm_topk_prob=False)),
+    }[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{prefix}Config")(**{
+        **dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1,
+               bos_token_id=0, eos_token_id=1, tie_word_embeddings=False), **extra})
+    getattr(transformers, f"{prefix}ForCausalLM")(config).eval().save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(REFERENCE / name, directory / name)
+    return directory
+
+
 KEEP16 = list(range(0, 64, 4))
+# per-layer outputs, with the family they are of (served by the vLLM plugin)
+PER_LAYER = {"nonuniform": "deepseek_moe", "qwen3-nonuniform": "qwen3_moe", "qwen2-nonuniform": "qwen2_moe",
+             "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2"}
 
 
 def build_outputs(root: Path) -> dict[str, str]:
@@ -113,10 +142,19 @@ def build_outputs(root: Path) -> dict[str, str]:
     }
     v2_source = tiny_deepseek_v2(root / "v2-source")
     outputs["v2"] = export(v2_source, root / "v2-top1", hand_plan(v2_source, [0, 2, 5, 7], 1, "none"))
+    outputs["v2-nonuniform"] = export(v2_source, root / "v2-nonuniform", hand_plan(
+        v2_source, {1: [0, 2, 3, 5, 7], 2: [1, 4, 6]}, 2, "none"))
     # a transformers-native family: a Qwen3-MoE, half its experts, top-2 (renormalised, as Qwen3 is)
     qwen3_source = tiny_qwen3_moe(root / "qwen3-source")
     outputs["qwen3"] = export(qwen3_source, root / "qwen3-top2", hand_plan(qwen3_source, [1, 2, 4, 7, 9, 12, 13, 15],
                                                                            2, "none"))
+    outputs["qwen3-nonuniform"] = export(qwen3_source, root / "qwen3-nonuniform", hand_plan(
+        qwen3_source, {0: [1, 2, 4, 7, 9, 12, 13, 15], 1: [0, 3, 5, 6, 8], 2: [2, 4, 6, 8, 10, 11]}, 2, "none"))
+    for family in ("qwen2_moe", "mixtral", "olmoe"):
+        source = tiny_native_moe(root / f"{family}-source", family)
+        name = f"{family.split('_')[0]}-nonuniform"
+        outputs[name] = export(source, root / name, hand_plan(source, {0: [0, 2, 3, 5, 6], 1: [1, 4, 7],
+                                                                       2: [0, 1, 2, 4, 5, 7]}, 2, "none"))
     return {name: str(path) for name, path in outputs.items()}
 
 
@@ -166,34 +204,77 @@ def vllm_python() -> str:
     return str(VLLM_PYTHON)
 
 
+def vllm_models(outputs, names) -> list[dict]:
+    """Runner entries for `names`, with what vLLM's CPU build needs for the family (DeepSeek-V2: its rotary-embedding
+    op mis-rotates [tokens, heads, 64] rope inputs, and the reference MLA backend)."""
+    models = []
+    for name in names:
+        family = detect_family(json.loads((outputs[name] / "config.json").read_text()))
+        entry = {"path": str(outputs[name]), "label": name, "cpu_engine_args": family.vllm_cpu_engine_args}
+        if family.vllm_cpu_workaround:
+            entry["compilation_config"] = json.loads(family.vllm_cpu_workaround[0])
+        models.append(entry)
+    return models
+
+
+def vllm_run(vllm_python, directory: Path, outputs, names, env=None) -> dict:
+    """One vLLM process runs `names` (fp32): prompt logprobs (top 20 + the actual token at each position), 8 greedy
+    tokens, and the same prompts through vLLM's own transformers (the output's shipped modeling code, if any)."""
+    request = {"models": vllm_models(outputs, names), "dtype": "float32", "max_model_len": 256, "prompts": prompts(),
+               "prompt_logprobs": 20, "generate_tokens": 8, "transformers_compare": True}
+    result = run_vllm(vllm_python, request, timeout=1500, log=directory / "vllm.log", env=env)
+    return {"versions": result["versions"], "platform": result.get("platform"), "plugins": result["plugins"],
+            **{entry["label"]: entry for entry in result["models"]}}
+
+
+UNIFORM = ("renorm", "none", "v2", "qwen3")
+
+
 @pytest.fixture(scope="module")
 def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
-    """One vLLM process runs every uniform output (fp32): prompt logprobs (top 20 + the actual token at each
-    position), 8 greedy tokens, and the same prompts through vLLM's own transformers (trust_remote_code)."""
+    """The uniform outputs in vanilla vLLM: no general plugin loaded (VLLM_PLUGINS names none)."""
+    return shared(tmp_path_factory, "serving-vllm",
+                  lambda directory: vllm_run(vllm_python, directory, outputs, UNIFORM, env=NO_PLUGINS))
 
-    def make(directory: Path) -> dict:
-        request = {
-            "models": [
-                {"path": str(outputs["renorm"]), "label": "renorm"},
-                {"path": str(outputs["none"]), "label": "none"},
-                # vllm-cpu 0.32's rotary-embedding op mis-rotates DeepSeek-V2's [tokens, heads, 64] rope inputs
-                {"path": str(outputs["qwen3"]), "label": "qwen3"},
-                {"path": str(outputs["v2"]), "label": "v2",
-                 "compilation_config": json.loads(get_family("deepseek_v2").vllm_cpu_workaround[0]),
-                 "cpu_engine_args": get_family("deepseek_v2").vllm_cpu_engine_args},
-            ],
-            "dtype": "float32",
-            "max_model_len": 256,
-            "prompts": prompts(),
-            "prompt_logprobs": 20,
-            "generate_tokens": 8,
-            "transformers_compare": True,
-        }
-        result = run_vllm(vllm_python, request, timeout=1500, log=directory / "vllm.log")
-        return {"versions": result["versions"], "platform": result.get("platform"),
-                **{entry["label"]: entry for entry in result["models"]}}
 
-    return shared(tmp_path_factory, "serving-vllm", make)
+@pytest.fixture(scope="module")
+def vllm_plugin(vllm_python) -> str:
+    """vLLM's interpreter, once it has moe-compress's plugin with every family's per-layer architecture."""
+    state = plugin_state(vllm_python)
+    wanted = {family.vllm_per_layer_architecture for family in FAMILIES.values()} - {None}
+    if not state.get("installed") or not wanted <= set(state.get("architectures", [])):
+        pytest.skip(f"moe-compress's vLLM plugin is not installed (or is outdated) for {vllm_python}; rerun "
+                    "scripts/setup_vllm.sh")
+    return vllm_python
+
+
+@pytest.fixture(scope="module")
+def vllm_per_layer_results(vllm_plugin, tmp_path_factory, outputs) -> dict:
+    """Every per-layer output in vLLM with moe-compress's plugin."""
+    return shared(tmp_path_factory, "serving-vllm-per-layer",
+                  lambda directory: vllm_run(vllm_plugin, directory, outputs, PER_LAYER))
+
+
+def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
+    """vLLM's prompt logprobs and greedy tokens of one output are those of moe-compress's transformers implementation:
+    the largest |logprob difference| (asserted <= TOLERANCE)."""
+    assert [len(tokens) for tokens in entry["generated"]] == [8] * PROMPTS
+    rows = entry["prompt_logprobs"]
+    assert len(rows) == PROMPTS and all(len(r) == PROMPT_LEN and r[0] is None for r in rows)
+    worst, compared = transformers_logprob_diff(directory, prompts(), rows)
+    assert compared >= PROMPTS * (PROMPT_LEN - 1) * 20
+    assert worst <= TOLERANCE, f"{directory.name}: vLLM's prompt logprobs differ from ours by {worst:.2e}"
+    return worst
+
+
+def check_greedy_tokens_equal_ours(entry: dict, directory: Path) -> None:
+    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours."""
+    config = json.loads((directory / "config.json").read_text())
+    model = detect_family(config).model_class(config).from_pretrained(directory, dtype=torch.float32).eval()
+    for ids, theirs in zip(prompts(), entry["generated"]):
+        with torch.no_grad():
+            ours = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert ours[0, len(ids):].tolist() == theirs, directory.name
 
 
 @pytest.mark.slow
@@ -202,28 +283,42 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
     ("qwen3", "Qwen3MoeForCausalLM"),
 ])
 def test_vllm_prompt_logprobs_equal_ours(vllm_results, outputs, name, architecture):
+    """Uniform outputs run in vLLM's own classes, without moe-compress's plugin."""
+    assert PLUGIN_ENTRY_POINT not in vllm_results["plugins"]
     entry = vllm_results[name]
     assert entry["architecture"] == [architecture]
-    assert [len(tokens) for tokens in entry["generated"]] == [8] * PROMPTS
-    rows = entry["prompt_logprobs"]
-    assert len(rows) == PROMPTS and all(len(r) == PROMPT_LEN and r[0] is None for r in rows)
-    worst, compared = transformers_logprob_diff(outputs[name], prompts(), rows)
-    assert compared >= PROMPTS * (PROMPT_LEN - 1) * 20
-    assert worst <= TOLERANCE, f"{name}: vLLM's prompt logprobs differ from ours by {worst:.2e}"
+    assert entry["vllm_class"].startswith("vllm.model_executor.models.") and entry["vllm_class"].endswith(
+        f".{architecture}"), entry["vllm_class"]
+    print(f"{name}: max |logprob diff| {check_logprobs_equal_ours(entry, outputs[name]):.2e}")
 
 
 @pytest.mark.slow
 def test_vllm_greedy_tokens_equal_ours(vllm_results, outputs):
-    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours."""
-    import compressor  # noqa: F401
-    from transformers import AutoModelForCausalLM
+    for name in UNIFORM:
+        check_greedy_tokens_equal_ours(vllm_results[name], outputs[name])
 
-    for name in ("renorm", "none", "v2", "qwen3"):
-        model = AutoModelForCausalLM.from_pretrained(outputs[name], dtype=torch.float32).eval()
-        for ids, theirs in zip(prompts(), vllm_results[name]["generated"]):
-            with torch.no_grad():
-                ours = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-            assert ours[0, len(ids):].tolist() == theirs, name
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PER_LAYER))
+def test_per_layer_outputs_serve_through_the_plugin_and_equal_ours(vllm_per_layer_results, outputs, name):
+    """Each MoE layer at its own count in vLLM (the plugin's variant of vLLM's class): prompt logprobs and greedy tokens
+    equal moe-compress's transformers implementation, and the output's shipped modeling code under vLLM's
+    transformers gives the same."""
+    assert PLUGIN_ENTRY_POINT in vllm_per_layer_results["plugins"]
+    config = json.loads((outputs[name] / "config.json").read_text())
+    family = detect_family(config)
+    assert family.name == PER_LAYER[name]
+    counts = [family.num_experts(config, layer) for layer in family.moe_layers(config)]
+    assert len(set(counts)) > 1, counts
+    entry = vllm_per_layer_results[name]
+    assert entry["architecture"] == [family.vllm_per_layer_architecture]
+    assert entry["vllm_class"] == f"moe_compress_vllm.models.{family.vllm_per_layer_architecture}"
+    worst = check_logprobs_equal_ours(entry, outputs[name])
+    check_greedy_tokens_equal_ours(entry, outputs[name])
+    theirs = entry["transformers"]
+    assert theirs["max_abs_diff"] <= TOLERANCE, theirs
+    print(f"{name} ({family.name}, experts per layer {counts}): max |logprob diff| vs ours {worst:.2e}, vs its "
+          f"shipped {theirs['class'].split('.')[-1]} under vLLM's transformers {theirs['max_abs_diff']:.2e}")
 
 
 @pytest.mark.slow
@@ -286,6 +381,80 @@ def test_serve_check_passes_on_a_uniform_output(vllm_python, outputs, capsys):
     assert "max |diff|" in out
 
 
+@pytest.mark.slow
+def test_serve_check_passes_on_a_per_layer_output_with_the_plugin(vllm_plugin, outputs, capsys):
+    code, out, err = run_cli(["serve-check", str(outputs["nonuniform"]), "--vllm-python", vllm_plugin], capsys)
+    assert code == 0, out + err
+    assert "8 to 16 routed experts per layer (DeepseekForCausalLMPerLayer, moe-compress's vLLM plugin)" in out
+    assert "DeepseekForCausalLMPerLayer loaded" in out
+    worst = float(out.split("max |diff| ")[1].split()[0])
+    assert worst <= TOLERANCE
+    assert f"--model {outputs['nonuniform']} --trust-remote-code" in out or \
+        f"vllm serve {outputs['nonuniform']} --trust-remote-code" in out
+
+
+@pytest.mark.slow
+def test_serve_check_without_the_plugin_refuses_a_per_layer_output(vllm_python, outputs, monkeypatch, capsys):
+    """Uniform outputs need no plugin (test_vllm_prompt_logprobs_equal_ours ran them without it); per-layer ones are
+    refused before vLLM starts, naming how to install or enable the plugin."""
+    monkeypatch.setenv("VLLM_PLUGINS", "")
+    code, _, err = run_cli(["serve-check", outputs["qwen3-nonuniform"], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, "keeps 5 to 8 experts per layer", "VLLM_PLUGINS=''",
+                          f"add {PLUGIN_ENTRY_POINT} to it")
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setattr("compressor.serving.check.plugin_state", lambda python: {"installed": False})
+    code, _, err = run_cli(["serve-check", outputs["qwen3-nonuniform"], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, "keeps 5 to 8 experts per layer", "vLLM serves that only with moe-compress's "
+                          "vLLM plugin", "scripts/setup_vllm.sh", "pip install plugins/vllm")
+    monkeypatch.setattr("compressor.serving.check.plugin_state",
+                        lambda python: {"installed": True, "enabled": True, "architectures": [], "version": "0.0.1"})
+    code, _, err = run_cli(["serve-check", outputs["qwen3-nonuniform"], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, "(moe-compress-vllm 0.0.1) does not register Qwen3MoeForCausalLMPerLayer")
+
+
+def test_plugin_registers_every_familys_per_layer_architecture():
+    """The plugin's table (which needs no vLLM to read) and the family adapters agree: every family's per-layer
+    architecture is vLLM's class of that family, sized by the family's expert-count key."""
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        import moe_compress_vllm
+    finally:
+        sys.path.remove(str(PLUGIN))
+    from compressor.families.base import PER_LAYER_KEY
+
+    assert moe_compress_vllm.PER_LAYER_KEY == PER_LAYER_KEY
+    table = {architecture: (cls, key) for architecture, (_, cls, key) in moe_compress_vllm.ARCHITECTURES.items()}
+    assert table == {family.vllm_per_layer_architecture: (family.vllm_architectures[0], family.expert_count_key)
+                     for family in FAMILIES.values()}
+    assert all(architecture == f"{cls}PerLayer" for architecture, (cls, _) in table.items())
+    pyproject = (PLUGIN / "pyproject.toml").read_text()
+    assert f'{PLUGIN_ENTRY_POINT} = "moe_compress_vllm:register"' in pyproject
+
+
+@pytest.mark.slow
+def test_plugin_refuses_counts_vllm_could_not_load(vllm_python):
+    """The plugin's own check (in vLLM's interpreter; serve-check refuses the same before vLLM starts)."""
+    script = (
+        "from types import SimpleNamespace\n"
+        "from moe_compress_vllm.models import layer_counts\n"
+        "print(layer_counts(SimpleNamespace(num_experts=8, n_routed_experts_per_layer={'1': 5, '2': 3}), 'num_experts'))\n"
+        "print(layer_counts(SimpleNamespace(num_experts=8, n_routed_experts_per_layer=[None, 5, 3]), 'num_experts'))\n"
+        "for bad in ({'1': 9}, {'1': 0}):\n"
+        "    try:\n"
+        "        layer_counts(SimpleNamespace(num_experts=8, n_routed_experts_per_layer=bad), 'num_experts')\n"
+        "    except ValueError as error:\n"
+        "        print(error)\n"
+    )
+    done = subprocess.run([vllm_python, "-c", script], capture_output=True, text=True, timeout=300)
+    if "No module named 'moe_compress_vllm'" in done.stderr:
+        pytest.skip(f"moe-compress's vLLM plugin is not installed for {vllm_python}; rerun scripts/setup_vllm.sh")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["{1: 5, 2: 3}"] * 2
+    assert "layer 1 9 experts, more than num_experts=8" in lines[2]
+    assert "must be a positive integer, not 0" in lines[3]
+
+
 # -- bad input (no vLLM needed) ---------------------------------------------------------------------------------------
 
 
@@ -297,11 +466,64 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+def edited_copy(source: Path, target: Path, config=None, plan=None) -> Path:
+    """A copy of `source` with config.json (and compression_plan.json) edited in place by the given functions."""
+    shutil.copytree(source, target)
+    for name, edit in (("config.json", config), ("compression_plan.json", plan)):
+        if edit is not None:
+            data = json.loads((target / name).read_text())
+            edit(data)
+            (target / name).write_text(json.dumps(data))
+    return target
+
+
 @pytest.mark.slow
-def test_serve_check_refuses_a_non_uniform_output(outputs, capsys):
-    code, _, err = run_cli(["serve-check", outputs["nonuniform"]], capsys)
-    assert_one_line_error(code, err, "different numbers of experts per layer", "8 to 16", "vLLM needs the same count",
-                          "--strategy uniform")
+def test_serve_check_refuses_per_layer_counts_vllm_would_not_run_as_we_do(outputs, tmp_path, capsys):
+    nonuniform = outputs["nonuniform"]  # layer 1 keeps 16 experts (n_routed_experts), layers 2-4 keep 8
+    config = json.loads((nonuniform / "config.json").read_text())
+    assert (config["n_routed_experts"], config["n_routed_experts_per_layer"]) == (16, {"2": 8, "3": 8, "4": 8})
+    cases = [
+        # the per-layer key disagrees with the tensors
+        (dict(config=lambda c: c["n_routed_experts_per_layer"].update({"3": 12})),
+         ["checkpoint does not match its config.json (deepseek_moe): missing model.layers.3.mlp.experts.10."]),
+        (dict(config=lambda c: c["n_routed_experts_per_layer"].update({"3": 6})),
+         ["checkpoint holds model.layers.3.mlp.experts.6.", "which its config.json (deepseek_moe) has no expert for"]),
+        # a layer keeps more experts than the family's count key (tensors agree: layer 1 by the key, others by theirs)
+        (dict(config=lambda c: c.update(n_routed_experts=8, n_routed_experts_per_layer={"1": 16})),
+         ["layer 1 keeps 16 experts, more than n_routed_experts=8", "set n_routed_experts to 16"]),
+        # a layer keeps more experts than the original model had (its compression_plan.json)
+        (dict(plan=lambda p: (p["model"]["experts_per_layer"].update({"1": 12}),
+                              p["layers"]["1"].update(keep=list(range(12))))),
+         ["layer 1 has 16 routed experts (config.json and its tensors), more than the 12 of the original model"]),
+        # config.json disagrees with the plan the output was exported with
+        (dict(plan=lambda p: p["layers"]["2"].update(keep=p["layers"]["2"]["keep"][:6])),
+         ["config.json gives layer 2 8 routed experts, but compression_plan.json keeps 6 of its original 64"]),
+        (dict(config=lambda c: c["n_routed_experts_per_layer"].update({"0": 8})),
+         ["config.json (deepseek_moe): n_routed_experts_per_layer names layer 0, which is not an MoE layer (MoE "
+          "layers: 1-4)"]),
+        (dict(source=outputs["qwen3-nonuniform"], config=lambda c: c["n_routed_experts_per_layer"].update({"5": 4})),
+         ["config.json (qwen3_moe): n_routed_experts_per_layer names layer 5, which is not an MoE layer (MoE "
+          "layers: 0-2)"]),
+        # a per-layer output that names vLLM's own class (whose layers all hold n_routed_experts)
+        (dict(config=lambda c: c.update(architectures=["DeepseekForCausalLM"])),
+         ["architectures is ['DeepseekForCausalLM'], but outputs with n_routed_experts_per_layer name "
+          '["DeepseekForCausalLMPerLayer"]']),
+    ]
+    for index, (edits, fragments) in enumerate(cases):
+        copy = edited_copy(edits.pop("source", nonuniform), tmp_path / str(index), **edits)
+        code, _, err = run_cli(["serve-check", copy, "--vllm-python", "/nonexistent/python"], capsys)
+        assert_one_line_error(code, err, *fragments)
+
+
+@pytest.mark.slow
+def test_serve_check_finds_vllm_after_the_static_checks_of_a_per_layer_output(outputs, capsys):
+    """A valid per-layer output passes the static checks and then needs vLLM (and, there, the plugin)."""
+    info = check_servable(outputs["qwen3-nonuniform"])
+    assert (info.family, info.experts, info.per_layer, info.architecture) == (
+        "qwen3_moe", 8, {0: 8, 1: 5, 2: 6}, "Qwen3MoeForCausalLMPerLayer")
+    assert not info.trust_remote_code
+    code, _, err = run_cli(["serve-check", outputs["nonuniform"], "--vllm-python", "/nonexistent/python"], capsys)
+    assert_one_line_error(code, err, "does not exist", "scripts/setup_vllm.sh")
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from compressor.serving.check import PLUGIN_INSTALL
+
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
@@ -83,10 +85,18 @@ def write_basic_card(directory: Path, path_hint: str, family, config: dict, plan
         ]
     elif not_native:
         loading += ["", f"Note: {not_native}."]
+    flag = " --trust-remote-code" if family.vllm_reads_shipped_config else ""
+    serve = (f"`vllm serve {path_hint}{flag}` (check it first: `moe-compress serve-check {path_hint}`)")
     if uniform:
-        flag = " --trust-remote-code" if ships_code else ""
-        loading += ["", f"Serve with vLLM: `vllm serve {path_hint}{flag}` (check it first: "
-                        f"`moe-compress serve-check {path_hint}`)."]
+        loading += ["", f"Serve with vLLM: {serve}."]
+    elif family.vllm_per_layer_architecture:
+        loading += [
+            "",
+            "This plan keeps different numbers of experts per layer, which vLLM's own model classes cannot hold: "
+            f"vLLM serves it with moe-compress's vLLM plugin, which registers `{family.vllm_per_layer_architecture}` "
+            f"(the architecture config.json names) as vLLM's class with each MoE layer at its own count. Install "
+            f"it where vLLM is ({PLUGIN_INSTALL}), then serve with {serve}.",
+        ]
     else:
         loading += [
             "",
@@ -169,8 +179,18 @@ def _validation_section(report) -> list[str]:
         lines += [f"Forward throughput on the validation batches ({t.device}, {t.threads} threads): "
                   f"{t.original_tokens_per_second:,.0f} tokens/s original, {t.compressed_tokens_per_second:,.0f} "
                   f"compressed.", ""]
+    if report.tasks:
+        headers, rows = report.task_table()
+        lines += [f"Tasks (lm-evaluation-harness, both models on the same documents{_limit(report)}):", "",
+                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                  *("| " + " | ".join(row) + " |" for row in rows), ""]
     lines += ["![perplexity](plots/perplexity.png)", "", "![cosine](plots/cosine.png)", ""]
     return lines
+
+
+def _limit(report) -> str:
+    limit = report.settings.get("tasks", {}).get("limit")
+    return f", the first {limit} per task" if limit else ""
 
 
 def _fit_summary(fit: dict) -> str:

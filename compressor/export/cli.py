@@ -11,6 +11,7 @@ from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 from compressor.export.exporter import (
     COMPENSATIONS, DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, export_checkpoint, parse_size,
 )
+from compressor.evaluation.harness import parse_task_gate, parse_task_names
 from compressor.validation.runner import parse_ppl_gate
 
 
@@ -42,11 +43,19 @@ from compressor.validation.runner import parse_ppl_gate
 @click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
               help="validation gate: 0.05 for every domain, or code=0.05,english=0.5")
 @click.option("--min-cosine", type=float, default=None, help="validation gate on hidden-state cosine")
+@click.option("--validate-tasks", multiple=True, metavar="TASK[,TASK...]",
+              help="lm-evaluation-harness tasks the validation scores on both models (see validate --tasks)")
+@click.option("--task-limit", type=click.IntRange(min=1), default=None, help="documents per task (the first N)")
+@click.option("--tasks-include", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="a folder of harness task YAML files to find tasks in")
+@click.option("--max-task-drop", default=None, metavar="X|TASK=X,...",
+              help="validation gate: a task's score may drop at most this much (absolute), e.g. demo_math_answer=0.02")
 @click.option("--push-to-hub", metavar="REPO_ID", default=None,
               help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
 def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
            distill_steps, distill_router, distill_e2e_steps, distill_e2e_lr, device, dtype, revision, overwrite,
-           no_validate, validate_on, max_ppl_increase, min_cosine, push_to_hub):
+           no_validate, validate_on, max_ppl_increase, min_cosine, validate_tasks, task_limit, tasks_include,
+           max_task_drop, push_to_hub):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
 
@@ -63,7 +72,10 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
                                               e2e_lr=distill_e2e_lr)),
         validation=ExportValidation(enabled=not no_validate,
                                     data=parse_named_sources(validate_on) if validate_on else {},
-                                    max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine),
+                                    max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
+                                    tasks=tuple(parse_task_names(validate_tasks)), task_limit=task_limit,
+                                    tasks_include=tuple(map(str, tasks_include)),
+                                    max_task_drop=parse_task_gate(max_task_drop)),
     )
     result = export_checkpoint(model, plan, output, options)
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "
@@ -76,8 +88,9 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
             click.echo("validation FAILED (the output is written and its model card says so):\n  "
                        + "\n  ".join(result.validation.failures), err=True)
     if not plan.is_uniform():
-        click.echo("note: non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
-                   "load the output with moe-compress's modeling code (import compressor, or trust_remote_code=True)")
+        from compressor.planning import non_uniform_note
+
+        click.echo(f"note: {non_uniform_note(plan.model.family)}")
     failed = result.validation is not None and not result.validation.passed
     if push_to_hub and failed:
         click.echo(f"not pushing to {push_to_hub}: validation failed (`moe-compress push --force` would)", err=True)

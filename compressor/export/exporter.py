@@ -66,6 +66,10 @@ class ExportValidation:
     max_tokens: int = 16384
     max_ppl_increase: float | dict[str, float] | None = None  # per domain when a dict
     min_cosine: float | None = None
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks scored on both models
+    task_limit: int | None = None
+    tasks_include: tuple[str, ...] = ()
+    max_task_drop: float | dict[str, float] | None = None  # absolute, per task when a dict
 
 
 @dataclass
@@ -145,6 +149,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)
+    check_tasks_can_run(options)
     plan = plan.model_copy(update={"compensation": compensation})  # the output's plan says what was done
     if options.fit.distill.e2e_steps and compensation != "distill":
         raise UserError(f"end-to-end distillation steps apply to --compensation distill, not {compensation}")
@@ -226,18 +231,31 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
 def check_gates_can_run(options: ExportOptions) -> None:
     """A validation gate that was asked for must run: refuse (before any work) gates without held-out data."""
     gates = options.validation
-    if gates.max_ppl_increase is None and gates.min_cosine is None:
+    if gates.max_ppl_increase is None and gates.min_cosine is None and gates.max_task_drop is None \
+            and not gates.tasks:
         return
+    from compressor.evaluation.harness import check_task_gate
     from compressor.validation.runner import check_cosine_gate, check_ppl_gate
 
     check_ppl_gate(gates.max_ppl_increase)
     check_cosine_gate(gates.min_cosine)
+    check_task_gate(gates.max_task_drop)
+    if gates.max_task_drop is not None and not gates.tasks:
+        raise UserError("a task-drop gate (--max-task-drop) was given but no task is evaluated (--validate-tasks)")
     if not gates.enabled:
-        raise UserError("validation gates (--max-ppl-increase / --min-cosine) were given with --no-validate; "
-                        "drop one or the other")
+        raise UserError("validation gates or tasks (--max-ppl-increase / --min-cosine / --validate-tasks / "
+                        "--max-task-drop) were given with --no-validate; drop one or the other")
     if not validation_sources(options):
-        raise UserError("validation gates were given but there is no held-out data to check them on: pass "
+        raise UserError("validation gates or tasks were given but there is no held-out data to validate on: pass "
                         "--validate-on NAME=SOURCE (only demo: calibration sources have a held-out split)")
+
+
+def check_tasks_can_run(options: ExportOptions) -> None:
+    """The validation's tasks exist and their data is on this machine (UserError naming the task otherwise)."""
+    if options.validation.enabled and options.validation.tasks:
+        from compressor.validation.runner import prepare_task_set
+
+        prepare_task_set(_validate_options(options))
 
 
 def validation_sources(options: ExportOptions) -> dict[str, str]:
@@ -266,20 +284,25 @@ def validate_export(model: str, output: Path, options: ExportOptions):
     return report
 
 
+def _validate_options(options: ExportOptions):
+    from compressor.validation.runner import ValidateOptions
+
+    v = options.validation
+    return ValidateOptions(max_tokens=v.max_tokens, seq_len=options.run.seq_len, batch_size=options.run.batch_size,
+                           dtype=options.run.dtype, device=options.run.device, max_ppl_increase=v.max_ppl_increase,
+                           min_cosine=v.min_cosine, tasks=tuple(v.tasks), task_limit=v.task_limit,
+                           tasks_include=tuple(v.tasks_include), max_task_drop=v.max_task_drop,
+                           progress=options.run.progress)
+
+
 def _validate_output(model: str, source_dir: Path, directory: Path, options: ExportOptions, output: Path):
-    from compressor.validation.runner import ValidateOptions, validate_models
+    from compressor.validation.runner import validate_models
 
     sources = validation_sources(options)
     if not sources:
         print("note: no held-out data for validation (give --validate-on NAME=SOURCE); output not validated")
         return None
-    report = validate_models(
-        str(source_dir), str(directory), sources,
-        ValidateOptions(max_tokens=options.validation.max_tokens, seq_len=options.run.seq_len,
-                        batch_size=options.run.batch_size, dtype=options.run.dtype, device=options.run.device,
-                        max_ppl_increase=options.validation.max_ppl_increase, min_cosine=options.validation.min_cosine,
-                        progress=options.run.progress),
-    )
+    report = validate_models(str(source_dir), str(directory), sources, _validate_options(options))
     report = report.model_copy(update={
         "original": report.original.model_copy(update={"source": model}),
         "compressed": report.compressed.model_copy(update={"source": str(output)}),

@@ -94,6 +94,9 @@ class FamilyAdapter:
     config_class_path: ClassVar[tuple[str, str] | None] = None
     per_layer_counts_native: ClassVar[bool] = False  # the model class itself reads PER_LAYER_KEY
     vllm_architectures: ClassVar[tuple[str, ...]] = ()  # vLLM classes that serve the uniform outputs
+    # the architecture per-layer outputs name in config.json, which moe-compress's vLLM plugin (plugins/vllm) registers
+    # as vLLM's class with each MoE layer at its own count; None: vLLM cannot serve per-layer outputs of this family
+    vllm_per_layer_architecture: ClassVar[str | None] = None
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
@@ -190,8 +193,9 @@ class FamilyAdapter:
 
     def pruned_config(self, config: Mapping, kept: Mapping, top_k: int, *, ungroup: bool = False) -> dict:
         """config.json of the output: the family's expert count key (the largest kept count), PER_LAYER_KEY for
-        layers that keep fewer, and the top-k key. `kept[layer]` lists old expert ids in their new order.
-        `ungroup=True` rewrites a grouped router to plain top-k (any plan is then valid)."""
+        layers that keep fewer (and `architectures` naming the per-layer vLLM variant), and the top-k key.
+        `kept[layer]` lists old expert ids in their new order. `ungroup=True` rewrites a grouped router to plain
+        top-k (any plan is then valid)."""
         if ungroup:
             config = self.ungrouped(config)
         plan = self.check_kept(config, kept, top_k)
@@ -204,6 +208,10 @@ class FamilyAdapter:
             differing = {str(layer): count for layer, count in sorted(counts.items()) if count != largest}
             if differing:
                 new[PER_LAYER_KEY] = differing
+        if self.vllm_per_layer_architecture:
+            per_layer = PER_LAYER_KEY in new
+            if per_layer or new.get("architectures") == [self.vllm_per_layer_architecture]:
+                new["architectures"] = [self.vllm_per_layer_architecture if per_layer else self.vllm_architectures[0]]
         new[self.key_in(config, self.top_k_key)] = int(top_k)
         return new
 
@@ -305,6 +313,10 @@ class FamilyAdapter:
             if top_k > count:
                 raise UserError(f"config.json ({self.name}): {self.top_k_key}={top_k} exceeds the {count} routed "
                                 f"experts of layer {layer}")
+        for layer in per_layer_counts(config.get(PER_LAYER_KEY)):
+            if int(layer) not in counts:
+                raise UserError(f"config.json ({self.name}): {PER_LAYER_KEY} names layer {layer}, which is not an "
+                                f"MoE layer (MoE layers: {format_ranges(moe)})")
         self.router(config)
         try:
             self.build_config(config)

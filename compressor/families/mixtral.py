@@ -14,6 +14,7 @@ class MixtralFamily(FamilyAdapter):
     model_types = ("mixtral",)
     expert_count_key = "num_local_experts"
     vllm_architectures = ("MixtralForCausalLM",)
+    vllm_per_layer_architecture = "MixtralForCausalLMPerLayer"
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         return 0 <= layer < self.num_layers(config)

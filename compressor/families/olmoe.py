@@ -13,6 +13,7 @@ class OlmoeFamily(FamilyAdapter):
     model_types = ("olmoe",)
     expert_count_key = "num_experts"
     vllm_architectures = ("OlmoeForCausalLM",)
+    vllm_per_layer_architecture = "OlmoeForCausalLMPerLayer"
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         return 0 <= layer < self.num_layers(config)

@@ -32,9 +32,11 @@ class Qwen2MoEFamily(_QwenMoEFamily):
     shared_attrs = ("shared_expert",)
     shared_gate_attr = "shared_expert_gate"
     vllm_architectures = ("Qwen2MoeForCausalLM",)
+    vllm_per_layer_architecture = "Qwen2MoeForCausalLMPerLayer"
 
 
 class Qwen3MoEFamily(_QwenMoEFamily):
     name = "qwen3_moe"
     model_types = ("qwen3_moe",)
     vllm_architectures = ("Qwen3MoeForCausalLM",)
+    vllm_per_layer_architecture = "Qwen3MoeForCausalLMPerLayer"

@@ -30,10 +30,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def offline_unless_reachable():
     """Within the block, huggingface_hub and datasets use only their caches when the Hub cannot be reached;
     yields whether they are offline."""
-    offline = offline_requested() or not hub_reachable()
-    if not offline:
+    if not (offline_requested() or not hub_reachable()):
         yield False
         return
+    with offline():
+        yield True
+
+
+@contextlib.contextmanager
+def offline():
+    """Within the block, huggingface_hub and datasets use only their local caches (nothing is downloaded)."""
     import huggingface_hub.constants as hub_constants
 
     patched = [(hub_constants, "HF_HUB_OFFLINE")]
@@ -45,7 +51,7 @@ def offline_unless_reachable():
     for module, name in patched:
         setattr(module, name, True)
     try:
-        yield True
+        yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)

@@ -9,12 +9,12 @@
 
 from compressor.planning.plan import (
     COMPENSATIONS,
-    NON_UNIFORM_WARNING,
     PLAN_FORMAT_VERSION,
     LayerPlan,
     Plan,
     StrategyRecord,
     check_plan_matches,
+    non_uniform_note,
 )
 from compressor.planning.strategies import (
     CRITERIA,
@@ -31,7 +31,6 @@ from compressor.planning.table import format_plan_table
 __all__ = [
     "COMPENSATIONS",
     "CRITERIA",
-    "NON_UNIFORM_WARNING",
     "PLAN_FORMAT_VERSION",
     "STRATEGIES",
     "LayerPlan",
@@ -42,6 +41,7 @@ __all__ = [
     "expert_scores",
     "format_plan_table",
     "make_plan",
+    "non_uniform_note",
     "parse_domains",
     "parse_protect",
     "predicted_coverage",

@@ -15,10 +15,20 @@ from compressor.profiling.schema import ModelIdentity, config_hash
 
 PLAN_FORMAT_VERSION = 1
 COMPENSATIONS = ("none", "renorm", "scale", "refit", "distill")
-NON_UNIFORM_WARNING = (
-    "non-uniform plan: vLLM and plain transformers need the same expert count in every layer; "
-    "the output loads with moe-compress's modeling code (import compressor, or trust_remote_code=True)"
-)
+
+
+def non_uniform_note(family: str) -> str:
+    """What `plan` and `export` say about a non-uniform plan for `family` (a family name): how its output loads and
+    whether vLLM serves it (moe-compress's vLLM plugin registers per-layer variants of vLLM's classes)."""
+    from compressor.families import FAMILIES
+    from compressor.serving.check import PLUGIN_INSTALL
+
+    adapter = FAMILIES.get(family)
+    serving = (f"vLLM serves it with moe-compress's vLLM plugin ({PLUGIN_INSTALL})"
+               if adapter is not None and adapter.vllm_per_layer_architecture
+               else "vLLM cannot serve it (one expert count per model)")
+    return ("non-uniform plan: plain transformers needs the same expert count in every layer, so the output loads "
+            f"with moe-compress's modeling code (import compressor, or trust_remote_code=True); {serving}")
 
 
 class _Strict(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from compressor.errors import UserError
-from compressor.planning.plan import NON_UNIFORM_WARNING, Plan
+from compressor.planning.plan import Plan, non_uniform_note
 from compressor.profiling.schema import Profile
 
 
@@ -60,5 +60,5 @@ def format_plan_table(plan: Plan, profile: Profile | None = None) -> str:
         count = len(next(iter(kept.values()))) if kept else 0
         lines.append(f"uniform plan: {count} experts kept in every MoE layer")
     else:
-        lines.append(NON_UNIFORM_WARNING)
+        lines.append(non_uniform_note(plan.model.family))
     return "\n".join(lines)

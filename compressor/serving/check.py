@@ -16,6 +16,12 @@ from compressor.errors import UserError
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 SETUP_HINT = "run scripts/setup_vllm.sh (creates .venv-vllm) or pass --vllm-python PATH"
+# moe-compress's vLLM plugin (plugins/vllm, distribution moe-compress-vllm): per-layer expert counts in vLLM
+PLUGIN_ENTRY_POINT = "moe_compress_per_layer"
+PLUGIN_INSTALL = ("bash scripts/setup_vllm.sh installs it into .venv-vllm; into another vLLM environment: "
+                  "pip install plugins/vllm from a moe-compress checkout")
+PLUGIN_HINT = f"install moe-compress's vLLM plugin ({PLUGIN_INSTALL})"
+PLAN_FILE = "compression_plan.json"
 VLLM_PYTHON_ENV = "MOE_COMPRESS_VLLM_PYTHON"
 CHECK_TEXT = (
     "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
@@ -36,6 +42,8 @@ class ServingInfo:
     renormalize: bool
     trust_remote_code: bool
     notes: list[str] = field(default_factory=list)
+    per_layer: dict[int, int] = field(default_factory=dict)  # {MoE layer: experts} when the counts differ
+    architecture: str | None = None  # for per-layer outputs: the vLLM plugin's architecture that serves them
 
     def serve_command(self, vllm_command: bool = True) -> str:
         """How to start vLLM's OpenAI-compatible server on this output (`vllm_command=False`: without the `vllm`
@@ -48,8 +56,10 @@ class ServingInfo:
 
 def check_servable(directory: str | os.PathLike) -> ServingInfo:
     """UserError (one line: the problem and the fix) unless vLLM can load `directory` with the semantics that
-    moe-compress's transformers implementation gives it; otherwise what vLLM will run."""
+    moe-compress's transformers implementation gives it; otherwise what vLLM will run. Outputs with per-layer expert
+    counts need moe-compress's vLLM plugin (`check_plugin`)."""
     from compressor.families import detect_family, open_checkpoint
+    from compressor.families.base import PER_LAYER_KEY
     from compressor.io import CheckpointReader
 
     directory = Path(directory)
@@ -57,22 +67,18 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
         raise UserError(f"{directory} is not a directory; pass an export output (moe-compress export ... -o OUT)")
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} has no config.json; pass an export output (moe-compress export ... -o OUT)")
-    from compressor.families.base import PER_LAYER_KEY
-
     config = CheckpointReader(directory).config
     family = detect_family(config)
-    if config.get(PER_LAYER_KEY):
-        counts = sorted({family.num_experts(config, layer) for layer in family.moe_layers(config)})
-        raise UserError(
-            f"{directory} keeps different numbers of experts per layer ({counts[0]} to {counts[-1]}, {PER_LAYER_KEY} "
-            "in config.json): vLLM needs the same count in every layer; export a uniform plan (moe-compress plan "
-            "--strategy uniform) or load this output with moe-compress's modeling code (import compressor, or "
-            "trust_remote_code=True) instead of vLLM"
-        )
-    checkpoint = open_checkpoint(directory, quantized=True)
+    checkpoint = open_checkpoint(directory, quantized=True)  # the tensors agree with the (per-layer) expert counts of config.json
     checkpoint.close()
     moe = family.moe_layers(config)
-    counts = sorted({family.num_experts(config, layer) for layer in moe})
+    counts = {layer: family.num_experts(config, layer) for layer in moe}
+    _check_against_plan(directory, counts)
+    per_layer, architecture = {}, None
+    if config.get(PER_LAYER_KEY):
+        architecture = _per_layer_architecture(directory, config, family, counts)
+        if len(set(counts.values())) > 1:
+            per_layer = counts
     auto_map = config.get("auto_map") or {}
     fix = ("re-export with moe-compress, or add the files with `python -c \"from compressor.families import get_family; "
            f"import json; d='{directory}'; get_family('{family.name}').write_runtime_files(d, "
@@ -89,15 +95,106 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
                             f"that shipped file; {fix}")
         notes.append(f"vLLM runs its own {', '.join(family.vllm_architectures)}; it reads only the shipped "
                      "configuration file (trust_remote_code)")
+    if architecture:
+        notes.append(f"per-layer expert counts: vLLM runs {architecture} from moe-compress's vLLM plugin")
     problem = family.vllm_problem(config)
     if problem:
         raise UserError(f"{directory}: {problem}")
     router = family.router(config)
     return ServingInfo(
         directory=directory, family=family.name, model_type=str(config.get("model_type")), moe_layers=len(moe),
-        experts=counts[0] if counts else 0, top_k=router.top_k, renormalize=router.renormalize,
-        trust_remote_code=bool(auto_map and family.vllm_reads_shipped_config), notes=notes,
+        experts=max(counts.values(), default=0), top_k=router.top_k, renormalize=router.renormalize,
+        trust_remote_code=bool(auto_map and family.vllm_reads_shipped_config), notes=notes, per_layer=per_layer,
+        architecture=architecture,
     )
+
+
+def _per_layer_architecture(directory: Path, config: dict, family, counts: dict[int, int]) -> str:
+    """The plugin architecture that serves an output with PER_LAYER_KEY; UserError when vLLM could not load it as
+    moe-compress does: a layer with more experts than the family's count key (the largest layer's, which sizes vLLM's
+    expert weight mapping), another architecture in config.json."""
+    from compressor.families.base import PER_LAYER_KEY, config_int
+
+    key = family.key_in(config, family.expert_count_key)
+    if not family.vllm_per_layer_architecture:
+        raise UserError(f"{directory} keeps different numbers of experts per layer ({PER_LAYER_KEY} in config.json), "
+                        f"which vLLM cannot serve for {family.name}; export a uniform plan (moe-compress plan "
+                        "--strategy uniform) or load it with moe-compress's modeling code")
+    largest = config_int(config, key, minimum=1)
+    for layer, count in counts.items():
+        if count > largest:
+            raise UserError(f"{directory}: layer {layer} keeps {count} experts, more than {key}={largest}, which must "
+                            f"be the largest layer's count ({PER_LAYER_KEY} lists the layers that keep fewer); set "
+                            f"{key} to {max(counts.values())}")
+    architecture = family.vllm_per_layer_architecture
+    if config.get("architectures") != [architecture]:
+        raise UserError(f"{directory}: config.json's architectures is {config.get('architectures')}, but outputs "
+                        f"with {PER_LAYER_KEY} name [\"{architecture}\"] (the vLLM plugin's class for them); "
+                        "re-export with moe-compress or set it")
+    return architecture
+
+
+def _check_against_plan(directory: Path, counts: dict[int, int]) -> None:
+    """UserError when config.json's expert counts are not what the output's compression_plan.json kept (more than the
+    original model had, in particular). Outputs without a plan file are not checked."""
+    from compressor.planning import Plan
+
+    if not (directory / PLAN_FILE).is_file():
+        return
+    plan = Plan.load(directory / PLAN_FILE)
+    for layer, count in counts.items():
+        original = plan.model.experts_per_layer.get(str(layer))
+        if original is not None and count > int(original):
+            raise UserError(f"{directory}: layer {layer} has {count} routed experts (config.json and its tensors), "
+                            f"more than the {original} of the original model ({PLAN_FILE}); this is not a pruned "
+                            "output of that model: re-export it")
+        spec = plan.layers.get(str(layer))
+        if spec is not None and len(spec.keep) != count:
+            raise UserError(f"{directory}: config.json gives layer {layer} {count} routed experts, but {PLAN_FILE} "
+                            f"keeps {len(spec.keep)} of its original {original}; re-export it")
+
+
+def check_plugin(python: str, info: ServingInfo) -> None:
+    """UserError unless `python`'s vLLM loads moe-compress's plugin and it registers `info.architecture` (needed by
+    outputs with per-layer expert counts; nothing to check for uniform ones)."""
+    if not info.architecture:
+        return
+    state = plugin_state(python)
+    counts = sorted(set(info.per_layer.values())) or [info.experts]
+    what = (f"{info.directory} keeps {counts[0]} to {counts[-1]} experts per layer" if len(counts) > 1 else
+            f"{info.directory} names the per-layer architecture {info.architecture}")
+    if not state.get("installed"):
+        raise UserError(f"{what}: vLLM serves that only with moe-compress's vLLM plugin, which {python} does not "
+                        f"have; {PLUGIN_HINT}")
+    if not state.get("enabled"):
+        raise UserError(f"{what}: VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves out moe-compress's vLLM "
+                        f"plugin; add {PLUGIN_ENTRY_POINT} to it or unset it")
+    if info.architecture not in state.get("architectures", []):
+        raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
+                        f"does not register {info.architecture}; {PLUGIN_HINT} (again, to update it)")
+
+
+_PLUGIN_PROBE = f"""
+import json, os
+from importlib import metadata
+names = [entry.name for entry in metadata.entry_points(group="vllm.general_plugins")]
+allowed = os.environ.get("VLLM_PLUGINS")
+state = {{"installed": {PLUGIN_ENTRY_POINT!r} in names,
+          "enabled": allowed is None or {PLUGIN_ENTRY_POINT!r} in allowed.split(",")}}
+if state["installed"]:
+    import moe_compress_vllm
+    state.update(architectures=sorted(moe_compress_vllm.ARCHITECTURES), version=metadata.version("moe-compress-vllm"))
+print(json.dumps(state))
+"""
+
+
+def plugin_state(python: str) -> dict:
+    """What `python` has of moe-compress's vLLM plugin: installed, enabled (VLLM_PLUGINS), architectures, version."""
+    try:
+        done = subprocess.run([python, "-c", _PLUGIN_PROBE], capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {}
 
 
 def _has_vllm(python: str) -> bool:
@@ -138,11 +235,13 @@ class VllmRunError(RuntimeError):
     """vLLM ran but failed (the message ends with the last lines it printed)."""
 
 
-def run_vllm(python: str, request: dict, timeout: float = 1800, log: Path | None = None) -> dict:
+def run_vllm(python: str, request: dict, timeout: float = 1800, log: Path | None = None,
+             env: dict[str, str] | None = None) -> dict:
     """Run compressor/serving/vllm_runner.py with `python` on `request`; its result dict.
 
-    vLLM's own output goes to `log` (or is discarded); a failure raises VllmRunError with its last lines."""
-    env = dict(os.environ)
+    vLLM's own output goes to `log` (or is discarded); a failure raises VllmRunError with its last lines. `env`: extra
+    environment variables (e.g. VLLM_PLUGINS)."""
+    env = {**os.environ, **(env or {})}
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(request.get("kv_cache_gib", 1)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,11 +285,11 @@ def transformers_logprob_diff(directory: Path, prompts: list[list[int]], vllm_ro
     """Largest |logprob difference| between moe-compress's transformers implementation (fp32) and vLLM's prompt
     logprobs (`vllm_rows`: per prompt, per position {token: logprob} or None), and how many values were compared."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    import compressor  # noqa: F401  registers moe-compress's own model classes with the Auto classes
+    from compressor.families import detect_family
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    config = json.loads((Path(directory) / "config.json").read_text())
+    model = detect_family(config).model_class(config).from_pretrained(directory, dtype=torch.float32).eval()
     worst, compared = 0.0, 0
     with torch.no_grad():
         for ids, rows in zip(prompts, vllm_rows):

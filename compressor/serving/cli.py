@@ -31,12 +31,14 @@ _EXAMPLE = '{"custom_ops": ["all", "-rotary_embedding"]}'
               help="seconds for the vLLM run")
 def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, kv_cache_gib, compilation_config,
                 timeout):
-    """Check that vLLM serves OUT: uniform expert counts, the shipped configuration file, a load and a generation
-    in vLLM, and (--compare) prompt logprobs equal to moe-compress's transformers implementation.
+    """Check that vLLM serves OUT: expert counts that agree with the tensors (per-layer counts: moe-compress's vLLM
+    plugin installed), the shipped configuration file, a load and a generation in vLLM, and (--compare) prompt logprobs
+    equal to moe-compress's transformers implementation.
 
     Exit 0: servable; 1: vLLM failed or its logprobs differ; 2: bad input (not servable, or vLLM missing)."""
     from compressor.serving.check import (
         VllmRunError,
+        check_plugin,
         check_prompts,
         check_servable,
         find_vllm_python,
@@ -54,8 +56,12 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
             raise UserError(f"--compilation-config must be a JSON object, e.g. '{_EXAMPLE}'")
     info = check_servable(output)
     python = find_vllm_python(vllm_python)
-    click.echo(f"{output}: {info.family} (model_type {info.model_type}), {info.experts} routed experts in each of "
-               f"{info.moe_layers} MoE layers, top-{info.top_k}, renormalise {'yes' if info.renormalize else 'no'}")
+    check_plugin(python, info)
+    counts = sorted(set(info.per_layer.values()))
+    experts = (f"{counts[0]} to {counts[-1]} routed experts per layer ({info.architecture}, moe-compress's vLLM "
+               "plugin) in" if counts else f"{info.experts} routed experts in each of")
+    click.echo(f"{output}: {info.family} (model_type {info.model_type}), {experts} {info.moe_layers} MoE layers, "
+               f"top-{info.top_k}, renormalise {'yes' if info.renormalize else 'no'}")
     prompts = check_prompts(output)
     request = {
         "models": [{"path": str(output.resolve()), "label": output.name}],

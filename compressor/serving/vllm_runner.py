@@ -13,13 +13,15 @@ Self-contained on purpose (no moe-compress import): it runs in the interpreter t
   compilation_config (passed to LLM, e.g. {"custom_ops": ["all", "-rotary_embedding"]});
 - prompts: token id lists; prompt_logprobs: k (vLLM reports the k most likely tokens plus the actual one at
   every prompt position); generate_tokens: greedy tokens to generate after each prompt;
-- transformers_compare: also run the checkpoint with this interpreter's transformers (AutoModelForCausalLM,
-  trust_remote_code) on the same prompts and report the largest |logprob difference| against vLLM;
+- transformers_compare: also run the checkpoint with this interpreter's transformers (AutoModelForCausalLM, with
+  the checkpoint's own modeling code when it ships one) on the same prompts and report the largest |logprob
+  difference| against vLLM;
 - throughput: {"prompts": [...], "max_tokens": N, "repeats": R}: generated tokens/s (greedy, N tokens per
   prompt, EOS ignored) and prompt tokens/s (the same prompts, 1 generated token), best of R, prefix cache off.
 
-Result: {"versions": {...}, "models": [{"label", "architecture", "prompt_logprobs": [[{token: logprob} or null
-per position]], "generated": [[ids]], "transformers": {...}, "throughput": {...}}]}.
+Result: {"versions": {...}, "plugins": [general plugins vLLM loads], "models": [{"label", "architecture" (config.json's),
+"vllm_class" (the class vLLM ran), "prompt_logprobs": [[{token: logprob} or null per position]], "generated": [[ids]],
+"transformers": {...}, "throughput": {...}}]}.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def _transformers_compare(path: str, prompts: list, vllm_rows: list, trust_remot
     import transformers
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    with open(os.path.join(path, "config.json")) as handle:
+        ships_code = bool(json.load(handle).get("auto_map"))
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code or ships_code,
+                                                 dtype=torch.float32)
     model.eval()
     worst, compared = 0.0, 0
     with torch.no_grad():
@@ -134,7 +139,12 @@ def run(request: dict) -> dict:
             seed=0,
         )
         entry = {"label": spec.get("label", spec["path"]), "load_seconds": time.perf_counter() - start}
-        entry["architecture"] = list(getattr(llm.llm_engine.model_config.hf_config, "architectures", None) or [])
+        model_config = llm.llm_engine.model_config
+        entry["architecture"] = list(getattr(model_config.hf_config, "architectures", None) or [])
+        from vllm.model_executor.models import ModelRegistry
+
+        model_class, _ = ModelRegistry.resolve_model_cls(model_config.architecture, model_config)
+        entry["vllm_class"] = f"{model_class.__module__}.{model_class.__qualname__}"
         if prompts:
             params = SamplingParams(
                 max_tokens=max(1, int(request.get("generate_tokens", 1))), temperature=0.0,
@@ -161,8 +171,14 @@ def run(request: dict) -> dict:
         cli_works = True
     except metadata.PackageNotFoundError:
         cli_works = False
+    import vllm.envs
+
+    allowed = vllm.envs.VLLM_PLUGINS
+    plugins = sorted(entry.name for entry in metadata.entry_points(group="vllm.general_plugins")
+                     if allowed is None or entry.name in allowed)
     return {
         "vllm_command_works": cli_works,
+        "plugins": plugins,
         "versions": {"vllm": vllm.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "platform": "cpu" if current_platform.is_cpu() else str(current_platform.device_type),
         "models": results,

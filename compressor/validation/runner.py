@@ -28,7 +28,7 @@ from compressor.runtime import (
 )
 from compressor.profiling.schema import config_hash
 from compressor.validation.schema import (
-    DomainResult, LayerResult, ModelRef, Thresholds, Throughput, ValidationReport,
+    DomainResult, LayerResult, ModelRef, TaskResult, Thresholds, Throughput, ValidationReport,
 )
 
 
@@ -43,6 +43,10 @@ class ValidateOptions:
     text_field: str = "text"
     max_ppl_increase: float | dict[str, float] | None = None  # one limit for all domains, or per domain
     min_cosine: float | None = None
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks (shipped, in `tasks_include` folders or installed)
+    task_limit: int | None = None  # documents per task (the first ones), the same for both models
+    tasks_include: tuple[str, ...] = ()
+    max_task_drop: float | dict[str, float] | None = None  # absolute, for every task or {task: limit}
     default_split: str = "evaluation"
     progress: bool = True
     revisions: tuple[str | None, str | None] = field(default=(None, None))
@@ -167,6 +171,11 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     check_ppl_gate(options.max_ppl_increase)
     check_cosine_gate(options.min_cosine)
     ppl_limits(options.max_ppl_increase, loaded)  # fail fast on a gate for a domain that is not validated
+    task_set = prepare_task_set(options)
+    if not loaded and task_set is None:
+        raise UserError("nothing to validate: give held-out data (-d NAME=SOURCE) and/or tasks (--tasks)")
+    if not loaded and (options.max_ppl_increase is not None or options.min_cosine is not None):
+        raise UserError("perplexity and cosine gates need held-out data (-d NAME=SOURCE)")
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir, quantized=True)
@@ -175,8 +184,10 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     configs = checkpoints[0].config, checkpoints[1].config
     _check_related(original_dir, compressed_dir, *configs)
     tokenizer = None
-    if any(not s.pretokenized for s in loaded.values()):
+    if task_set is not None or any(not s.pretokenized for s in loaded.values()):
         tokenizer = load_tokenizer(original_dir) or load_tokenizer(compressed_dir)
+    if task_set is not None and tokenizer is None:
+        raise UserError("task evaluation needs a tokenizer, and neither model directory has one")
     vocab = int(configs[0]["vocab_size"])
     work = []
     for name, source in loaded.items():
@@ -191,7 +202,8 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     accumulators = {name: _DomainAccumulator() for name in loaded}
     layer_cosines: dict[int, list[torch.Tensor]] = {}
     run = _run_layerwise if options.layerwise else _run_whole
-    throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options)
+    throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options) if work else None
+    tasks = {} if task_set is None else _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options)
     for checkpoint in checkpoints:
         checkpoint.close()
 
@@ -201,20 +213,67 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
         layers[str(layer)] = LayerResult(cosine_mean=float(values.mean()),
                                          cosine_p5=float(torch.quantile(values, 0.05)))
     domains = {name: acc.result(loaded[name].description()) for name, acc in accumulators.items()}
-    failures = gate_failures(domains, layers, options.max_ppl_increase, options.min_cosine)
+    failures = gate_failures(domains, layers, options.max_ppl_increase, options.min_cosine, tasks,
+                             options.max_task_drop)
+    settings = {"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
+                "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise}
+    if task_set is not None:
+        settings["tasks"] = _task_settings(task_set, options)
     return ValidationReport(
         tool_version=__version__,
         original=_model_ref(original, checkpoints[0]),
         compressed=_model_ref(compressed, checkpoints[1]),
-        settings={"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
-                  "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise},
-        thresholds=Thresholds(max_ppl_increase=options.max_ppl_increase, min_cosine=options.min_cosine),
-        domains=domains, layers=layers, throughput=throughput, passed=not failures, failures=failures,
+        settings=settings,
+        thresholds=Thresholds(max_ppl_increase=options.max_ppl_increase, min_cosine=options.min_cosine,
+                              max_task_drop=options.max_task_drop),
+        domains=domains, layers=layers, throughput=throughput, tasks=tasks, passed=not failures, failures=failures,
     )
 
 
+def prepare_task_set(options: ValidateOptions):
+    """The tasks found and their data loaded (before any model runs), or None without tasks; the task gate and
+    limit checked."""
+    from compressor.evaluation.harness import check_task_gate, prepare_tasks, task_limits
+
+    check_task_gate(options.max_task_drop)
+    if options.task_limit is not None and (isinstance(options.task_limit, bool) or
+                                           not isinstance(options.task_limit, int) or options.task_limit < 1):
+        raise UserError(f"the task limit must be a whole number of documents (1 or more), not {options.task_limit!r}")
+    if not options.tasks:
+        if options.max_task_drop is not None:
+            raise UserError("a task-drop gate was given but no task is evaluated (name tasks with --tasks)")
+        return None
+    task_set = prepare_tasks(list(options.tasks), options.tasks_include)
+    task_limits(options.max_task_drop, task_set.leaves)  # fail fast on a gate for a task that is not evaluated
+    return task_set
+
+
+def _task_settings(task_set, options: ValidateOptions) -> dict:
+    from importlib.metadata import version
+
+    from compressor.evaluation.harness import SEEDS
+
+    return {"names": task_set.names, "limit": options.task_limit, "include": list(task_set.include),
+            "seeds": SEEDS, "lm_eval": version("lm-eval")}
+
+
+def _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options) -> dict[str, TaskResult]:
+    """Both models through the harness, one after the other (one whole model in memory at a time)."""
+    from compressor.evaluation.harness import evaluate_tasks
+
+    scores = []
+    for c in checkpoints:
+        model = c.family.model_class(c.config).from_pretrained(c.reader.path, dtype=dtype).to(device).eval()
+        scores.append(evaluate_tasks(model, tokenizer, task_set, options.task_limit, options.batch_size))
+        del model
+    return {name: TaskResult(metric=a.metric, original=a.value, original_stderr=a.stderr, compressed=b.value,
+                             compressed_stderr=b.stderr, change=b.value - a.value,
+                             higher_is_better=a.higher_is_better, samples=a.samples)
+            for name, a in scores[0].items() for b in [scores[1][name]]}
+
+
 def gate_failures(domains: dict[str, DomainResult], layers: dict[str, LayerResult], max_ppl_increase,
-                  min_cosine) -> list[str]:
+                  min_cosine, tasks: dict[str, TaskResult] | None = None, max_task_drop=None) -> list[str]:
     """What fails the gates. A measurement that is not a finite number (NaN weights, overflow) always fails, with
     or without a gate: a model that computes NaN is broken."""
     failures = []
@@ -232,6 +291,22 @@ def gate_failures(domains: dict[str, DomainResult], layers: dict[str, LayerResul
     if min_cosine is not None:
         failures += [f"layer {layer}: hidden-state cosine {r.cosine_mean:.4f} is below {min_cosine}"
                      for layer, r in layers.items() if math.isfinite(r.cosine_mean) and r.cosine_mean < min_cosine]
+    return failures + task_gate_failures(tasks or {}, max_task_drop)
+
+
+def task_gate_failures(tasks: dict[str, TaskResult], max_task_drop) -> list[str]:
+    """A task score that is not a finite number always fails; a gated task fails when it drops more than its
+    limit (absolute, in the direction of the task's better score)."""
+    from compressor.evaluation.harness import task_drop, task_limits
+
+    failures = [f"task {name}: score is not a finite number (original {t.original}, compressed {t.compressed})"
+                for name, t in tasks.items() if not (math.isfinite(t.original) and math.isfinite(t.compressed))]
+    for name, limit in task_limits(max_task_drop, tasks).items():
+        t = tasks[name]
+        drop = task_drop(t.original, t.compressed, t.higher_is_better)
+        if math.isfinite(drop) and drop > limit:
+            failures.append(f"task {name}: {t.metric} {t.original:.4f} -> {t.compressed:.4f} drops {drop:.4f}, "
+                            f"more than {limit}")
     return failures
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from compressor.io.json_files import load_json_model, save_json_model
 
@@ -49,9 +49,23 @@ class Throughput(_Strict):
     threads: int
 
 
+class TaskResult(_Strict):
+    """One lm-evaluation-harness task, both models scored alike (same documents, seeds and limit)."""
+
+    metric: str  # the task's first metric ("acc", or "exact_match,FILTER" when the task filters its outputs)
+    original: float
+    original_stderr: float | None  # None where the harness gives none (a single document)
+    compressed: float
+    compressed_stderr: float | None
+    change: float  # compressed - original (absolute)
+    higher_is_better: bool
+    samples: int  # documents scored per model
+
+
 class Thresholds(_Strict):
     max_ppl_increase: float | dict[str, float] | None = None  # a dict gates only the domains it names
     min_cosine: float | None = None
+    max_task_drop: float | dict[str, float] | None = None  # absolute; a dict gates only the tasks it names
 
 
 class ValidationReport(_Strict):
@@ -64,8 +78,18 @@ class ValidationReport(_Strict):
     domains: dict[str, DomainResult]
     layers: dict[str, LayerResult]
     throughput: Throughput | None = None
+    tasks: dict[str, TaskResult] = Field(default_factory=dict)
     passed: bool
     failures: list[str]
+
+    def task_table(self) -> tuple[list[str], list[list[str]]]:
+        """Headers and rows of the task scores (for the card and the report)."""
+        def score(value: float, stderr: float | None) -> str:
+            return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
+
+        return (["task", "metric", "documents", "original", "compressed", "change"],
+                [[name, t.metric, str(t.samples), score(t.original, t.original_stderr),
+                  score(t.compressed, t.compressed_stderr), f"{t.change:+.4f}"] for name, t in self.tasks.items()])
 
     def save(self, path: str | Path, overwrite: bool = True) -> None:
         save_json_model(self, path, overwrite)

@@ -1,0 +1,1 @@
+"""Downstream task evaluation through lm-evaluation-harness (compressor.evaluation.harness) and the shipped tasks."""
