@@ -199,6 +199,24 @@ def test_cli_quantizes_validates_and_gates(outputs, tmp_path, capsys):
     assert "**FAILED**" in (failed / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_cli_scores_tasks_on_the_original_and_the_quantized_model(outputs, tmp_path, capsys):
+    held = _held_out(tmp_path / "held.jsonl")
+    out = tmp_path / "q"
+    code, _, err = run_cli(["quantize", outputs["pruned"], "-o", out, "--scheme", "w4a16", "--group-size", GROUP,
+                            "--validate-on", f"code={held}", "--seq-len", 64, "--validate-tasks",
+                            "demo_code_next_line", "--task-limit", 4], capsys)
+    assert code == 0, err
+    task = json.loads((out / "validation.json").read_text())["tasks"]["demo_code_next_line"]
+    assert task["metric"] == "acc" and task["samples"] == 4
+    assert 0 <= task["original"] <= 1 and 0 <= task["compressed"] <= 1
+    code, _, err = run_cli(["quantize", outputs["pruned"], "-o", tmp_path / "q2", "--scheme", "w4a16",
+                            "--group-size", GROUP, "--validate-on", f"code={held}", "--validate-tasks",
+                            "no_such_task"], capsys)
+    _one_line_error(code, err, "no_such_task")
+    assert not (tmp_path / "q2").exists()
+
+
 def _one_line_error(code, err, *fragments):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err

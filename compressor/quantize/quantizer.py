@@ -118,9 +118,10 @@ def quantize_checkpoint(source: Path, output: Path, options: QuantizeOptions) ->
     scheme = quantization_scheme(options.scheme, options.group_size)
     check_quantizable(source)
     if options.validation is not None:
-        from compressor.export.exporter import check_gates_can_run
+        from compressor.export.exporter import check_gates_can_run, check_tasks_can_run
 
         check_gates_can_run(_validation_options(source, options))
+        check_tasks_can_run(_validation_options(source, options))
     check_output_location(source, output, options.overwrite)
     checkpoint = open_checkpoint(source)
     try:
