@@ -93,6 +93,7 @@ _LAZY_COMMANDS = {
     "lens": ("compressor.lens.cli:lens", "Early decoding: how close the top-1 expert comes to the top-k ensemble."),
     "plan": ("compressor.planning.cli:plan", "Choose the experts to keep from a profile; `plan show` summarises."),
     "profile": ("compressor.profiling.cli:profile", "Record per-domain routing statistics of a model."),
+    "quantize": ("compressor.quantize.cli:quantize", "Quantize an exported OUT into compressed-tensors (vLLM) format."),
     "push": ("compressor.hub.cli:push", "Upload an exported OUT to the Hugging Face Hub."),
     "serve-check": ("compressor.serving.cli:serve_check", "Check that vLLM loads OUT and computes the same."),
     "validate": ("compressor.validation.cli:validate", "Compare a compressed model with its original."),

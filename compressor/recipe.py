@@ -82,6 +82,12 @@ class ValidateStage(_Section):
         None, description="absolute limit for every task, or {task: limit} for the tasks it names")
 
 
+class QuantizeStage(_Section):
+    scheme: Literal["fp8-dynamic", "w8a16", "w4a16"]
+    group_size: int = Field(128, ge=0, description="w8a16/w4a16: input columns per scale; 0: per output channel")
+    max_shard_size: str = "5GB"
+
+
 class PushStage(_Section):
     repo_id: str
     private: bool = False
@@ -100,6 +106,7 @@ class Recipe(_Section):
     plan: PlanStage = Field(default_factory=PlanStage)
     export: ExportStage = Field(default_factory=ExportStage)
     validate_: ValidateStage | None = Field(None, alias="validate")
+    quantize: QuantizeStage | None = None
     push: PushStage | None = None
 
 
@@ -212,7 +219,7 @@ def _at(key: str, check, *args, **kwargs):
 def check_recipe(recipe: Recipe) -> None:
     """The recipe's values, checked together when it is loaded (UserError naming the key): what no machine could
     run. `check_recipe_runnable` adds what depends on this machine (data, devices, paths, Hub token)."""
-    from compressor.export.exporter import FITTED_COMPENSATIONS, check_gates_can_run
+    from compressor.export.exporter import FITTED_COMPENSATIONS, check_gates_can_run, parse_size
     from compressor.planning.strategies import check_plan_options
     from compressor.runtime import DTYPES
 
@@ -236,6 +243,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise UserError("key 'export.distill_e2e_steps': end-to-end steps apply to compensation distill only")
     if recipe.validate_ is not None:
         at("validate", check_gates_can_run, export)
+    if recipe.quantize is not None:
+        at("quantize.max_shard_size", parse_size, recipe.quantize.max_shard_size)
     if recipe.push is not None:
         from compressor.hub import check_repo_id
 
@@ -391,6 +400,10 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
         from compressor.validation.schema import ValidationReport
 
         passed = ValidationReport.load(validation_path).passed
+    if recipe.quantize is not None:
+        artifacts["quantized"], quantized_passed = _run_quantize(recipe, artifacts["model"], validate_options, state,
+                                                                 echo)
+        passed = quantized_passed if passed is None else passed and quantized_passed is not False
     if recipe.push is not None:
         from compressor.hub import push_output
 
@@ -423,3 +436,27 @@ def _run_lens(recipe: Recipe, model_digest: str, path: Path, state: _State, echo
     for line in lens_headline(report):
         echo(f"  {line}")
     return path
+
+
+def _run_quantize(recipe: Recipe, model: Path, options, state: _State, echo) -> tuple[Path, bool | None]:
+    """Quantize the export into work_dir/model-SCHEME, validated like the export (original vs quantized)."""
+    from compressor import __version__
+    from compressor.export.exporter import parse_size
+    from compressor.quantize import QuantizeOptions, quantize_checkpoint
+    from compressor.validation.schema import ValidationReport
+
+    q = recipe.quantize
+    output = model.with_name(f"model-{q.scheme}")
+    validation_path = output / "validation.json"
+    digest = _digest(__version__, state.data["export"], q.model_dump(),
+                     recipe.validate_.model_dump() if recipe.validate_ else None)
+    if state.fresh("quantize", digest, output):
+        echo(f"quantize: up to date ({output})")
+    else:
+        result = quantize_checkpoint(model, output, QuantizeOptions(
+            scheme=q.scheme, group_size=q.group_size, max_shard_bytes=parse_size(q.max_shard_size), overwrite=True,
+            validation=options.validation, run=options.run))
+        state.record("quantize", digest)
+        echo(f"quantize: wrote {output} ({q.scheme}, {result.bytes / 2**20:.1f} MiB, was "
+             f"{result.source_bytes / 2**20:.1f} MiB)")
+    return output, ValidationReport.load(validation_path).passed if validation_path.exists() else None

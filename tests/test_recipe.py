@@ -267,7 +267,7 @@ def test_run_end_to_end_then_skips_then_reruns_what_changed(project, capsys):
 
 
 def test_recipe_schema_is_strict_in_every_section():
-    for section in ("profile", "lens", "plan", "export", "validate", "push"):
+    for section in ("profile", "lens", "plan", "export", "validate", "quantize", "push"):
         field = Recipe.model_fields["validate_" if section == "validate" else section]
         model = getattr(field.annotation, "__args__", (field.annotation,))[0]
         assert model.model_config.get("extra") == "forbid", section

@@ -68,9 +68,10 @@ class Checkpoint:
         self.reader.close()
 
 
-def open_checkpoint(directory: Path) -> Checkpoint:
+def open_checkpoint(directory: Path, quantized: bool = False) -> Checkpoint:
     """Open a checkpoint directory and check that its config and tensors make a model of a supported family
-    (UserError, one line, otherwise). Reads headers only."""
+    (UserError, one line, otherwise). Reads headers only. `quantized`: a compressed-tensors checkpoint (its
+    `quantization_config` present) is accepted without the tensor check (its weights are stored packed)."""
     from compressor.families.layout import CheckpointLayout
     from compressor.io import CheckpointReader
 
@@ -80,7 +81,8 @@ def open_checkpoint(directory: Path) -> Checkpoint:
         family = detect_family(config)
         family.check_config(config)
         layout = CheckpointLayout(family, config, reader.names())
-        layout.validate(reader)
+        if not (quantized and "quantization_config" in config):
+            layout.validate(reader)
     except BaseException:
         reader.close()
         raise

@@ -69,7 +69,7 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
         raise UserError(f"{directory} has no config.json; pass an export output (moe-compress export ... -o OUT)")
     config = CheckpointReader(directory).config
     family = detect_family(config)
-    checkpoint = open_checkpoint(directory)  # the tensors agree with the (per-layer) expert counts of config.json
+    checkpoint = open_checkpoint(directory, quantized=True)  # the tensors agree with the (per-layer) expert counts of config.json
     checkpoint.close()
     moe = family.moe_layers(config)
     counts = {layer: family.num_experts(config, layer) for layer in moe}

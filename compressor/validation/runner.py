@@ -178,7 +178,9 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
         raise UserError("perplexity and cosine gates need held-out data (-d NAME=SOURCE)")
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
-    checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir)
+    checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir, quantized=True)
+    if options.layerwise and "quantization_config" in checkpoints[1].config:
+        raise UserError(f"{compressed} is quantized: validate it whole (without --layerwise)")
     configs = checkpoints[0].config, checkpoints[1].config
     _check_related(original_dir, compressed_dir, *configs)
     tokenizer = None
