@@ -54,6 +54,7 @@ class PlanStage(_Section):
     domains: dict[str, float] | None = Field(None, description="targeted domains and their weights")
     protect: dict[int, list[int]] = Field(default_factory=dict)
     top_k: PositiveInt = 1
+    ungroup: bool = False
 
 
 class ExportStage(_Section):
@@ -174,7 +175,7 @@ def _plan_options(recipe: Recipe):
     return PlanOptions(strategy=p.strategy, keep=p.keep, keep_fraction=p.keep_fraction, coverage=p.coverage,
                        min_keep=p.min_keep, max_keep=p.max_keep, criterion=p.criterion, domains=p.domains,
                        protect={layer: set(experts) for layer, experts in p.protect.items()}, top_k=p.top_k,
-                       compensation=recipe.export.compensation)
+                       compensation=recipe.export.compensation, ungroup=p.ungroup)
 
 
 def _export_options(recipe: Recipe):

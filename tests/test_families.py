@@ -336,7 +336,8 @@ def test_deepseek_v2_grouped_router_constraints():
     assert family.native_transformers_support(V2_GROUPED, balanced, 6) is None
 
     not_divisible = {layer: list(range(30)) for layer in layers}
-    with pytest.raises(UserError, match=r"divisible by n_group=8.*topk_method: greedy, n_group: 1, topk_group: 1"):
+    with pytest.raises(UserError, match=r"divisible by n_group=8.*--ungroup \(route without groups: n_group: 1, "
+                                        r"topk_group: 1, topk_method: greedy"):
         family.pruned_config(V2_GROUPED, not_divisible, top_k=6)
     unbalanced = {layer: list(range(32)) for layer in layers}  # groups 0 and 1 full, the rest empty
     with pytest.raises(UserError, match=r"every group must keep the same number of experts \(4\).*without groups"):
@@ -355,3 +356,56 @@ def test_deepseek_v2_grouped_router_constraints():
     assert ungrouped["n_routed_experts"] == 32 and ungrouped["num_experts_per_tok"] == 1
     assert not family.router(ungrouped).grouped
     assert family.native_transformers_support(V2_GROUPED, unbalanced, 1, ungroup=True) is None
+
+
+# Shaped like deepseek-ai/DeepSeek-V3's config.json (bf16: without its quantization_config).
+V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+    "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid", "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128, "vocab_size": 129280,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "tie_word_embeddings": False,
+}
+
+
+def test_deepseek_v3_router_and_group_constraints():
+    family = detect_family(V3)
+    assert family.name == "deepseek_v3" and family.moe_layers(V3) == list(range(3, 61))
+    spec = family.router(V3)
+    assert (spec.scoring, spec.topk_method, spec.n_group, spec.topk_group, spec.top_k) == ("sigmoid", "noaux_tc", 8, 4, 8)
+    assert spec.renormalize and spec.routed_scaling_factor == 2.5 and spec.grouped and spec.logits_fp32
+    assert family.expert_groups(V3) == {"count": 8, "chosen": 4, "min_kept": 2}
+    family.check_config(V3)
+    # keys config.json leaves out take transformers' defaults (V3: 8 groups, 4 open, 3 dense layers)
+    bare = {k: v for k, v in V3.items() if k not in ("n_group", "topk_group", "first_k_dense_replace")}
+    assert family.expert_groups(bare) == {"count": 8, "chosen": 4, "min_kept": 2} and family.moe_layers(bare)[0] == 3
+
+    layers = family.moe_layers(V3)
+    balanced = {layer: [g * 32 + j for g in range(8) for j in range(16)] for layer in layers}  # 16 of 32 per group
+    new = family.pruned_config(V3, balanced, top_k=8)
+    assert (new["n_routed_experts"], new["n_group"], new["topk_group"], new["num_experts_per_tok"]) == (128, 8, 4, 8)
+    assert family.native_transformers_support(V3, balanced, 8) is None
+    one_per_group = {layer: [g * 32 for g in range(8)] for layer in layers}
+    with pytest.raises(UserError, match=r"its 2 best experts; layer 3 keeps 1 per group.*--ungroup \(route without "
+                                        r"groups: n_group: 1, topk_group: 1;"):
+        family.pruned_config(V3, one_per_group, top_k=1)
+    two_per_group = {layer: [g * 32 + j for g in range(8) for j in (0, 1)] for layer in layers}
+    with pytest.raises(UserError, match="top_k=9 exceeds the 8 experts left in 4 groups of 2"):
+        family.pruned_config(V3, two_per_group, top_k=9)
+
+    front = {layer: list(range(64)) for layer in layers}  # groups 0 and 1 only
+    with pytest.raises(UserError, match=r"keeps \[32, 32, 0, 0, 0, 0, 0, 0\]"):
+        family.pruned_config(V3, front, top_k=8)
+    ungrouped = family.pruned_config(V3, front, top_k=8, ungroup=True)
+    assert (ungrouped["n_group"], ungrouped["topk_group"], ungrouped["n_routed_experts"]) == (1, 1, 64)
+    assert not family.router(ungrouped).grouped and family.expert_groups(ungrouped) is None
+    with pytest.raises(UserError, match="every layer must keep at least 2; layer 3 keeps 1"):
+        family.pruned_config(V3, {layer: [5] for layer in layers}, top_k=1, ungroup=True)
+    assert family.compensation_config(V3, "renorm") == {"norm_topk_prob": True}
+    with pytest.raises(UserError, match="topk_group=9 exceeds n_group=8"):
+        family.router({**V3, "topk_group": 9})

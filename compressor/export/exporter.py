@@ -140,7 +140,7 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     reader, config, family = source.reader, source.config, source.family
     check_plan_matches(plan, config, family)
     kept = plan.kept()
-    new_config = family.pruned_config(config, kept, plan.top_k)
+    new_config = family.pruned_config(config, kept, plan.top_k, ungroup=plan.ungroup)
     new_config.update(family.compensation_config(config, compensation))
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")

@@ -61,6 +61,11 @@ class RouterSpec:
         """Whether expert choice is restricted to groups (so pruning must keep the groups balanced)."""
         return self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_group > 1
 
+    @property
+    def min_kept_per_group(self) -> int:
+        """Fewest experts a group can keep: ``noaux_tc`` scores a group by its two best experts."""
+        return 2 if self.topk_method == "noaux_tc" else 1
+
 
 @dataclass(frozen=True)
 class TensorRole:
@@ -182,11 +187,29 @@ class FamilyAdapter:
         return plan
 
     def check_routing_structure(self, config: Mapping, plan: dict[int, list[int]], top_k: int) -> None:
-        """Family constraints on a keep-plan beyond counts (e.g. balanced expert groups); UserError otherwise."""
+        """Constraints on a keep-plan beyond counts: a group-limited router's groups stay balanced and
+        contiguous (`check_balanced_groups`); UserError otherwise."""
+        router = self.router(config)
+        if router.grouped:
+            check_balanced_groups(self, config, plan, top_k, router)
+            return
+        for layer, experts in sorted(plan.items()):
+            if len(experts) < router.min_kept_per_group:
+                raise UserError(f"the router ({router.topk_method}) scores its expert group by the "
+                                f"{router.min_kept_per_group} best experts, so every layer must keep at least "
+                                f"{router.min_kept_per_group}; layer {layer} keeps {len(experts)}")
 
     def ungrouped(self, config: Mapping) -> dict:
         """`config` with group-limited routing rewritten to plain top-k (unchanged for families without groups)."""
         return dict(config)
+
+    def expert_groups(self, config: Mapping) -> dict | None:
+        """A group-limited router's groups as planning sees them: ``count`` contiguous groups per MoE layer,
+        ``chosen`` of them open to each token, ``min_kept`` experts at least per group; None without groups."""
+        router = self.router(config)
+        if not router.grouped:
+            return None
+        return {"count": router.n_group, "chosen": router.topk_group, "min_kept": router.min_kept_per_group}
 
     def pruned_config(self, config: Mapping, kept: Mapping, top_k: int, *, ungroup: bool = False) -> dict:
         """config.json of the output: the family's expert count key (the largest kept count), PER_LAYER_KEY for
@@ -313,6 +336,45 @@ class FamilyAdapter:
 
     def __repr__(self) -> str:
         return f"<family {self.name} (model_type {', '.join(self.model_types)})>"
+
+
+def check_balanced_groups(family, config, plan: dict[int, list[int]], top_k: int, router: RouterSpec) -> None:
+    """A plan for a group-limited router keeps the same number of experts in every group (at least
+    `router.min_kept_per_group`) and lists them group by group, so the output's contiguous groups are the original
+    ones; UserError with the fix otherwise."""
+    n_group = router.n_group
+    where = (f"the router picks experts from the best {router.topk_group} of {n_group} expert groups "
+             f"({router.topk_method})")
+    changed = sorted((k, v) for k, v in family.ungrouped(config).items() if config.get(k) != v)
+    hint = (f"or plan with --ungroup (route without groups: {', '.join(f'{k}: {v}' for k, v in changed)}; "
+            "tokens may then pick experts outside their best groups)")
+    for layer, experts in sorted(plan.items()):
+        total = family.num_experts(config, layer)
+        if total % n_group:
+            raise UserError(f"layer {layer}: {total} experts cannot form {n_group} equal groups ({where})")
+        size, count = total // n_group, len(experts)
+        if count % n_group:
+            raise UserError(f"{where}, so the kept expert count must stay divisible by n_group={n_group} with every "
+                            f"group keeping the same number; the plan keeps {count}. Keep a multiple of {n_group}, "
+                            f"{hint}")
+        per = count // n_group
+        per_group = [0] * n_group
+        for expert in experts:
+            per_group[expert // size] += 1
+        if any(c != per for c in per_group):
+            raise UserError(f"{where}, so every group must keep the same number of experts ({per}); layer {layer} "
+                            f"keeps {per_group} from groups 0..{n_group - 1}. Balance the plan, {hint}")
+        if per < router.min_kept_per_group:
+            raise UserError(f"{where}, which scores a group by its {router.min_kept_per_group} best experts; layer "
+                            f"{layer} keeps {per} per group. Keep at least {router.min_kept_per_group} per group, "
+                            f"{hint}")
+        for block in range(n_group):
+            if len({expert // size for expert in experts[block * per:(block + 1) * per]}) != 1:
+                raise UserError(f"{where}; layer {layer} must list its kept experts group by group (new group {block} "
+                                f"= kept positions {block * per}..{(block + 1) * per - 1}), e.g. in ascending order")
+        if top_k > router.topk_group * per:
+            raise UserError(f"{where}; top_k={top_k} exceeds the {router.topk_group * per} experts left in "
+                            f"{router.topk_group} groups of {per}. Keep more experts per group, {hint}")
 
 
 def config_int(config: Mapping, key: str, *, default=None, minimum: int = 0) -> int:

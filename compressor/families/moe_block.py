@@ -75,7 +75,8 @@ def route(spec, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 
 
 def _limit_to_groups(spec, choice: torch.Tensor) -> torch.Tensor:
-    """Scores outside the `topk_group` best of `n_group` contiguous expert groups set to 0 (as transformers does)."""
+    """Scores outside the `topk_group` best of `n_group` contiguous expert groups set to 0 (``group_limited_greedy``)
+    or -inf (``noaux_tc``, whose biased scores may be negative), as transformers does."""
     tokens, experts = choice.shape
     grouped = choice.view(tokens, spec.n_group, experts // spec.n_group)
     if spec.topk_method == "noaux_tc":
@@ -84,7 +85,8 @@ def _limit_to_groups(spec, choice: torch.Tensor) -> torch.Tensor:
         group_scores = grouped.max(dim=-1).values
     best = torch.topk(group_scores, spec.topk_group, dim=-1).indices
     mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-    return choice.masked_fill(~mask.repeat_interleave(experts // spec.n_group, dim=1), 0.0)
+    fill = float("-inf") if spec.topk_method == "noaux_tc" else 0.0
+    return choice.masked_fill(~mask.repeat_interleave(experts // spec.n_group, dim=1), fill)
 
 
 class MoEBlock:
