@@ -409,3 +409,31 @@ def test_deepseek_v3_router_and_group_constraints():
     assert family.compensation_config(V3, "renorm") == {"norm_topk_prob": True}
     with pytest.raises(UserError, match="topk_group=9 exceeds n_group=8"):
         family.router({**V3, "topk_group": 9})
+
+
+# Shaped like zai-org/GLM-4.5-Air's config.json.
+GLM45_AIR = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "first_k_dense_replace": 1, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 10944, "max_position_embeddings": 131072,
+    "moe_intermediate_size": 1408, "n_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 96, "num_experts_per_tok": 8, "num_hidden_layers": 46,
+    "num_key_value_heads": 8, "num_nextn_predict_layers": 1, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000, "routed_scaling_factor": 1.0, "tie_word_embeddings": False, "topk_group": 1,
+    "use_qk_norm": False, "vocab_size": 151552,
+}
+
+
+def test_glm4_moe_routes_like_deepseek_v3():
+    family = detect_family(GLM45_AIR)
+    assert family.name == "glm4_moe" and family.moe_layers(GLM45_AIR) == list(range(1, 46))
+    family.check_config(GLM45_AIR)
+    spec = family.router(GLM45_AIR)
+    assert (spec.scoring, spec.topk_method, spec.top_k, spec.renormalize) == ("sigmoid", "noaux_tc", 8, True)
+    assert not spec.grouped and family.expert_groups(GLM45_AIR) is None and family.vllm_cpu_workaround is None
+    layers = family.moe_layers(GLM45_AIR)
+    new = family.pruned_config(GLM45_AIR, {layer: list(range(0, 128, 2)) for layer in layers}, top_k=1)
+    assert (new["n_routed_experts"], new["num_experts_per_tok"], new["n_group"]) == (64, 1, 1)
+    with pytest.raises(UserError, match="every layer must keep at least 2; layer 1 keeps 1"):
+        family.pruned_config(GLM45_AIR, {layer: [0] for layer in layers}, top_k=1)
+    bare = {k: v for k, v in GLM45_AIR.items() if k not in ("n_group", "topk_group", "first_k_dense_replace")}
+    assert family.moe_layers(bare) == layers and family.expert_groups(bare) is None  # GLM's own defaults: 1, 1, 1

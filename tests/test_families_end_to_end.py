@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-    MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
@@ -55,6 +55,10 @@ FAMILIES = {
                     (True, False, 2.5, (2, 1))),
     "deepseek_v3:ungrouped": (DeepseekV3Config, DeepseekV3ForCausalLM,
                               dict(_V3, n_group=1, topk_group=1, norm_topk_prob=True), (True, True, 2.5, (1, 1))),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM,
+                 dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                      n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, head_dim=8,
+                      partial_rotary_factor=0.5, use_qk_norm=True), (True, True, 1.5, (1, 1))),
     "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM,
                   dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False), (False, False, 1.0)),
