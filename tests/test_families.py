@@ -437,3 +437,32 @@ def test_glm4_moe_routes_like_deepseek_v3():
         family.pruned_config(GLM45_AIR, {layer: [0] for layer in layers}, top_k=1)
     bare = {k: v for k, v in GLM45_AIR.items() if k not in ("n_group", "topk_group", "first_k_dense_replace")}
     assert family.moe_layers(bare) == layers and family.expert_groups(bare) is None  # GLM's own defaults: 1, 1, 1
+
+
+# Shaped like MiniMaxAI/MiniMax-M2's config.json (without its FP8 quantization_config).
+MINIMAX_M2 = {
+    "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2", "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 3072, "intermediate_size": 1536, "max_position_embeddings": 196608, "num_attention_heads": 48,
+    "num_experts_per_tok": 8, "num_hidden_layers": 62, "num_key_value_heads": 8, "num_local_experts": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid",
+    "tie_word_embeddings": False, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+}
+
+
+def test_minimax_m2_router_and_its_block_level_selection_bias():
+    family = detect_family(MINIMAX_M2)
+    assert family.name == "minimax_m2" and family.moe_layers(MINIMAX_M2) == list(range(62))
+    family.check_config(MINIMAX_M2)
+    spec = family.router(MINIMAX_M2)
+    assert (spec.scoring, spec.topk_method, spec.top_k, spec.renormalize, spec.grouped) == \
+        ("sigmoid", "greedy", 8, True, False)
+    with pytest.raises(UserError, match="always renormalises"):
+        family.compensation_config(MINIMAX_M2, "renorm")
+    two_layers = {**MINIMAX_M2, "num_hidden_layers": 2}
+    layout = CheckpointLayout(family, two_layers)
+    assert layout.layers[1].router == {"model.layers.1.block_sparse_moe.gate.weight": 0,
+                                       "model.layers.1.block_sparse_moe.e_score_correction_bias": 0}
+    assert layout.shapes["model.layers.1.block_sparse_moe.experts.255.w2.weight"] == (3072, 1536)
+    assert layout.classify("model.layers.0.block_sparse_moe.e_score_correction_bias") == TensorRole("router", 0, None)
+    new = family.pruned_config(MINIMAX_M2, {layer: list(range(128)) for layer in range(62)}, top_k=4)
+    assert (new["num_local_experts"], new["num_experts_per_tok"]) == (128, 4)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-    Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    Glm4MoeConfig, Glm4MoeForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
@@ -67,6 +67,8 @@ FAMILIES = {
                        decoder_sparse_step=1, mlp_only_layers=[]), (False, True, 1.0)),
     "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=EXPERTS), (False, True, 1.0)),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=EXPERTS, norm_topk_prob=False), (False, False, 1.0)),
+    "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8),
+                   (False, True, 1.0, (1, 1))),
 }
 NAMES = list(FAMILIES)
 
@@ -153,7 +155,17 @@ def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: i
 
 
 def _bias(tensors: dict, router_name: str):
-    return tensors.get(router_name.removesuffix("weight") + "e_score_correction_bias")
+    """The selection-only bias on disk: the router's (DeepSeek-V3, GLM) or the MoE block's (MiniMax-M2)."""
+    for owner in (router_name.removesuffix("weight"), router_name.removesuffix("gate.weight")):
+        if owner + "e_score_correction_bias" in tensors:
+            return tensors[owner + "e_score_correction_bias"]
+    return None
+
+
+def _native_router(block, x):
+    """The family's own router on `x` (MiniMax-M2's takes its block's selection bias as an argument)."""
+    own = dict(block.module.named_buffers(recurse=False)).get("e_score_correction_bias")
+    return block.router(x) if own is None else block.router(x, own)
 
 
 # -- the MoE-block interface against the families' own modules -------------------------------------------------
@@ -169,7 +181,7 @@ def test_route_matches_the_family_router_and_the_rule_written_here(checkpoints, 
     for layer in moe_layers(model):
         block = MoEBlock(family, config, layer, model.model.layers[layer])
         routing = block.route(x)
-        _, native_weights, native_index = block.router(x)
+        _, native_weights, native_index = _native_router(block, x)
         order = native_weights.float().sort(dim=-1, descending=True).indices
         assert torch.equal(routing.indices, native_index.gather(-1, order))
         torch.testing.assert_close(routing.weights, native_weights.float().gather(-1, order))
@@ -305,9 +317,11 @@ def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids,
         router = _block(model.model.layers[layer]).gate
         dropped = torch.ones(EXPERTS, dtype=torch.bool)
         dropped[kept] = False
-        weight, bias = router.weight.detach(), getattr(router, "e_score_correction_bias", None)
+        weight = router.weight.detach()
+        bias = getattr(router, "e_score_correction_bias", getattr(_block(model.model.layers[layer]),
+                                                                  "e_score_correction_bias", None))
 
-        def forward(hidden, weight=weight, dropped=dropped, bias=bias):
+        def forward(hidden, *_, weight=weight, dropped=dropped, bias=bias):
             x = hidden.reshape(-1, HIDDEN)
             weights, index = reference_routing(name, weight, x, top_k, dropped, bias, groups)
             if renorm:

@@ -94,6 +94,8 @@ class FamilyAdapter:
     experts_attr: ClassVar[str] = "experts"
     shared_attrs: ClassVar[tuple[str, ...]] = ()  # modules whose outputs add to the routed output
     shared_gate_attr: ClassVar[str | None] = None  # sigmoid gate on the shared output (Qwen2-MoE)
+    # the selection-only bias (where the family has one), relative to the block: a router buffer, or the block's own
+    correction_bias_path: ClassVar[str] = "gate.e_score_correction_bias"
     # transformers' classes (module path, class name); None: found through transformers' Auto mappings
     model_class_path: ClassVar[tuple[str, str] | None] = None
     config_class_path: ClassVar[tuple[str, str] | None] = None
@@ -309,7 +311,11 @@ class FamilyAdapter:
         """(weight [E, H], logit bias [E] or None, selection-only correction bias [E] or None) of a live block."""
         router = getattr(block, self.router_attr)
         bias = getattr(router, "bias", None)
-        correction = getattr(router, "e_score_correction_bias", None)
+        correction = block
+        for name in self.correction_bias_path.split("."):
+            correction = getattr(correction, name, None)
+        if correction is not None:
+            correction = correction.reshape(-1)  # ERNIE keeps it as [1, E]
         return router.weight, bias if isinstance(bias, type(router.weight)) else None, correction
 
     def check_config(self, config: Mapping) -> None:

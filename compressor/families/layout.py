@@ -96,8 +96,7 @@ class CheckpointLayout:
         count = family.num_experts(self.config, layer)
         layout = LayerLayout(layer, count)
         experts_prefix = f"{block_path}.{family.experts_attr}."
-        router_prefixes = [f"{block_path}.{family.router_attr}."] + [
-            f"{block_path}.{name}" for name in getattr(family, "block_router_params", ())]
+        router_prefixes = [f"{block_path}.{family.router_attr}.", f"{block_path}.{family.correction_bias_path}"]
         shared_prefixes = [f"{block_path}.{name}." for name in (*family.shared_attrs, family.shared_gate_attr) if name]
         for param, meta in state.items():
             if param.startswith(experts_prefix):
