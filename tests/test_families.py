@@ -466,3 +466,34 @@ def test_minimax_m2_router_and_its_block_level_selection_bias():
     assert layout.classify("model.layers.0.block_sparse_moe.e_score_correction_bias") == TensorRole("router", 0, None)
     new = family.pruned_config(MINIMAX_M2, {layer: list(range(128)) for layer in range(62)}, top_k=4)
     assert (new["num_local_experts"], new["num_experts_per_tok"]) == (128, 4)
+
+
+# Shaped like baidu/ERNIE-4.5-21B-A3B-PT's config.json.
+ERNIE_21B = {
+    "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_act": "silu",
+    "hidden_size": 2560, "intermediate_size": 12288, "max_position_embeddings": 131072, "moe_intermediate_size": 1536,
+    "moe_k": 6, "moe_layer_end_index": 27, "moe_layer_interval": 1, "moe_layer_start_index": 1,
+    "moe_num_experts": 64, "moe_num_shared_experts": 2, "num_attention_heads": 20, "num_hidden_layers": 28,
+    "num_key_value_heads": 4, "rms_norm_eps": 1e-05, "rope_theta": 500000, "tie_word_embeddings": True,
+    "use_bias": False, "vocab_size": 103424,
+}
+
+
+def test_ernie_moe_layers_and_its_statistics_bias():
+    family = detect_family(ERNIE_21B)
+    assert family.name == "ernie4_5_moe" and family.moe_layers(ERNIE_21B) == list(range(1, 28))
+    family.check_config(ERNIE_21B)
+    assert family.top_k(ERNIE_21B) == 6 and family.num_experts(ERNIE_21B, 5) == 64
+    spec = family.router(ERNIE_21B)
+    assert (spec.scoring, spec.renormalize, spec.logits_fp32, spec.weights_fp32) == ("softmax", True, True, False)
+    sparse = {**ERNIE_21B, "moe_layer_start_index": 2, "moe_layer_end_index": 20, "moe_layer_interval": 2}
+    assert family.moe_layers(sparse) == [3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert family.moe_layers({**sparse, "moe_layer_end_index": -1}) == list(range(3, 28, 2))
+    layout = CheckpointLayout(family, {**ERNIE_21B, "num_hidden_layers": 2, "moe_layer_end_index": 1})
+    assert layout.layers[1].router == {"model.layers.1.mlp.gate.weight": 0,
+                                       "model.layers.1.mlp.moe_statics.e_score_correction_bias": 1}
+    assert layout.shapes["model.layers.1.mlp.moe_statics.e_score_correction_bias"] == (1, 64)
+    new = family.pruned_config(ERNIE_21B, {layer: list(range(32)) for layer in range(1, 28)}, top_k=1)
+    assert (new["moe_num_experts"], new["moe_k"]) == (32, 1)
+    with pytest.raises(UserError, match="always renormalises"):
+        family.compensation_config(ERNIE_21B, "renorm")

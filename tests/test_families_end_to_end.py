@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-    Glm4MoeConfig, Glm4MoeForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+    Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
     Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
@@ -41,7 +41,7 @@ _V3 = dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=
            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
            routed_scaling_factor=2.5, num_key_value_heads=4)
 # name (the family, or family:variant): (config class, model class, extra config, router rule: fp32 logits,
-# renormalise, scaling[, (n_group, topk_group): sigmoid scores, selection bias, groups scored by their best two])
+# renormalise, scaling[, (scoring, n_group, topk_group): a selection bias, groups scored by their best two])
 FAMILIES = {
     "deepseek_moe": (DeepseekConfig, DeepseekForCausalLM,
                      dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1,
@@ -52,13 +52,13 @@ FAMILIES = {
                          qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.5, num_key_value_heads=4),
                     (True, False, 1.5)),
     "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM, dict(_V3, n_group=2, topk_group=1, norm_topk_prob=False),
-                    (True, False, 2.5, (2, 1))),
+                    (True, False, 2.5, ("sigmoid", 2, 1))),
     "deepseek_v3:ungrouped": (DeepseekV3Config, DeepseekV3ForCausalLM,
-                              dict(_V3, n_group=1, topk_group=1, norm_topk_prob=True), (True, True, 2.5, (1, 1))),
+                              dict(_V3, n_group=1, topk_group=1, norm_topk_prob=True), (True, True, 2.5, ("sigmoid", 1, 1))),
     "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM,
                  dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
                       n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, head_dim=8,
-                      partial_rotary_factor=0.5, use_qk_norm=True), (True, True, 1.5, (1, 1))),
+                      partial_rotary_factor=0.5, use_qk_norm=True), (True, True, 1.5, ("sigmoid", 1, 1))),
     "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM,
                   dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False), (False, False, 1.0)),
@@ -68,7 +68,10 @@ FAMILIES = {
     "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=EXPERTS), (False, True, 1.0)),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=EXPERTS, norm_topk_prob=False), (False, False, 1.0)),
     "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8),
-                   (False, True, 1.0, (1, 1))),
+                   (False, True, 1.0, ("sigmoid", 1, 1))),
+    "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM,
+                     dict(moe_num_experts=EXPERTS, moe_intermediate_size=16, moe_num_shared_experts=1,
+                          moe_layer_start_index=1, moe_layer_interval=1), (True, True, 1.0, ("softmax", 1, 1))),
 }
 NAMES = list(FAMILIES)
 
@@ -128,9 +131,10 @@ def _block(layer):
 def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: int, dropped=None, bias=None,
                       groups=None):
     """(weights, indices) by the family's rule, written here: softmax of the logits (fp32 logits for the DeepSeek
-    families), top-k, renormalised (Mixtral, Qwen3 with norm_topk_prob), times the V2 scaling factor. DeepSeek-V3:
-    sigmoid scores; experts chosen by score + `bias` within the `topk_group` of `n_group` groups (`groups`
-    overrides the rule's) whose two best biased scores sum highest; dropped experts can never be chosen."""
+    families), top-k, renormalised (Mixtral, Qwen3 with norm_topk_prob), times the V2 scaling factor. With a
+    selection bias (DeepSeek-V3, GLM, MiniMax-M2: sigmoid scores; ERNIE: softmax): experts chosen by score + `bias`
+    within the `topk_group` of `n_group` groups (`groups` overrides the rule's) whose two best biased scores sum
+    highest; dropped experts can never be chosen."""
     fp32, renorm, scale, *grouping = FAMILIES[name][3]
     logits = x.float() @ weight.float().T if fp32 else (x @ weight.T).float()
     if dropped is not None:
@@ -138,8 +142,9 @@ def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: i
     if not grouping:
         top, index = logits.softmax(-1).topk(top_k, dim=-1)
     else:
-        n_group, topk_group = groups or grouping[0]
-        scores = logits.sigmoid()
+        scoring, n_group, topk_group = grouping[0]
+        n_group, topk_group = groups or (n_group, topk_group)
+        scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + bias.float()
         if dropped is not None:
             choice = choice.masked_fill(dropped, float("-inf"))
@@ -155,11 +160,12 @@ def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: i
 
 
 def _bias(tensors: dict, router_name: str):
-    """The selection-only bias on disk: the router's (DeepSeek-V3, GLM) or the MoE block's (MiniMax-M2)."""
-    for owner in (router_name.removesuffix("weight"), router_name.removesuffix("gate.weight")):
-        if owner + "e_score_correction_bias" in tensors:
-            return tensors[owner + "e_score_correction_bias"]
-    return None
+    """The selection-only bias on disk: the router's (DeepSeek-V3, GLM), the MoE block's (MiniMax-M2) or its
+    statistics module's (ERNIE)."""
+    block = router_name.removesuffix("gate.weight")
+    found = [t for n, t in tensors.items() if n.startswith(block) and n.endswith("e_score_correction_bias")]
+    assert len(found) <= 1
+    return found[0] if found else None
 
 
 def _native_router(block, x):
@@ -318,8 +324,8 @@ def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids,
         dropped = torch.ones(EXPERTS, dtype=torch.bool)
         dropped[kept] = False
         weight = router.weight.detach()
-        bias = getattr(router, "e_score_correction_bias", getattr(_block(model.model.layers[layer]),
-                                                                  "e_score_correction_bias", None))
+        block = _block(model.model.layers[layer])
+        bias = _bias({**dict(block.named_parameters()), **dict(block.named_buffers())}, "gate.weight")
 
         def forward(hidden, *_, weight=weight, dropped=dropped, bias=bias):
             x = hidden.reshape(-1, HIDDEN)
@@ -377,8 +383,8 @@ def test_pruned_output_in_transformers_equals_the_masked_original(checkpoints, n
             for new, old in enumerate(kept):
                 assert torch.equal(output[template.format(new)], source[template.format(old)])
             assert template.format(4) not in output
-        for router in layout.layers[layer].router:
-            assert torch.equal(output[router], source[router][kept])
+        for router, axis in layout.layers[layer].router.items():  # ERNIE's selection bias is [1, E]
+            assert torch.equal(output[router], source[router].index_select(axis, torch.tensor(kept)))
     untouched = [n for n in source if layout.classify(n).kind in ("other", "shared_expert")]
     assert all(torch.equal(output[n], source[n]) for n in untouched)
 
@@ -531,7 +537,7 @@ def test_per_layer_counts_load_in_process_and_without_moe_compress(checkpoints, 
     for name, (model, directory) in checkpoints.items():
         layers = moe_layers(model)
         keep = {layer: list(range(3 + i)) for i, layer in enumerate(layers)}  # 3, 4 (, 5) experts
-        if len(FAMILIES[name][3]) > 3 and FAMILIES[name][3][3][0] == 2:  # 2 groups of 4: 2 + 2, 3 + 3 experts
+        if len(FAMILIES[name][3]) > 3 and FAMILIES[name][3][3][1] == 2:  # 2 groups of 4: 2 + 2, 3 + 3 experts
             keep = {layer: [*range(2 + i), *range(4, 6 + i)] for i, layer in enumerate(layers)}
         out = tmp_path / name
         code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / f"{name}.json", keep, 1),

@@ -35,6 +35,7 @@ class RouterSpec:
     - routed_scaling_factor: multiplies the routed weights;
     - correction_bias: a selection-only bias (``e_score_correction_bias``) added to the scores to choose experts;
     - logits_fp32: logits computed in fp32 (else in the hidden states' dtype, then softmax in fp32);
+      weights_fp32: the weights handed to the experts in fp32 (None: as logits_fp32; ERNIE casts them back);
     - softmax_after_topk: top-k on the logits, then softmax over the chosen ones (gpt-oss).
     """
 
@@ -47,6 +48,7 @@ class RouterSpec:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False
     logits_fp32: bool = False
+    weights_fp32: bool | None = None
     softmax_after_topk: bool = False
     renorm_eps: float = 0.0
 

@@ -215,7 +215,8 @@ class MoEBlock:
 
 def _weights_dtype(spec, x: torch.Tensor) -> torch.dtype:
     """The dtype the family's router hands its weights to the experts in (fp32 for fp32 routers)."""
-    return torch.float32 if spec.logits_fp32 else x.dtype
+    fp32 = spec.logits_fp32 if spec.weights_fp32 is None else spec.weights_fp32
+    return torch.float32 if fp32 else x.dtype
 
 
 def moe_blocks(family, config: Mapping, model: torch.nn.Module) -> dict[int, MoEBlock]:
