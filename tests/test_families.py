@@ -497,3 +497,37 @@ def test_ernie_moe_layers_and_its_statistics_bias():
     assert (new["moe_num_experts"], new["moe_k"]) == (32, 1)
     with pytest.raises(UserError, match="always renormalises"):
         family.compensation_config(ERNIE_21B, "renorm")
+
+
+# Shaped like openai/gpt-oss-20b's config.json, as its bf16 conversions ship it (no quantization_config).
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2880, "intermediate_size": 2880, "max_position_embeddings": 131072, "num_attention_heads": 64,
+    "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "rms_norm_eps": 1e-05, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+    "vocab_size": 201088, "attention_bias": True,
+}
+
+
+def test_gpt_oss_router_and_its_experts_fused_on_disk():
+    family = detect_family(GPT_OSS_20B)
+    assert family.name == "gpt_oss" and family.moe_layers(GPT_OSS_20B) == list(range(24))
+    family.check_config(GPT_OSS_20B)
+    spec = family.router(GPT_OSS_20B)
+    assert (spec.softmax_after_topk, spec.top_k, spec.renormalize, spec.logits_fp32) == (True, 4, False, False)
+    layout = CheckpointLayout(family, {**GPT_OSS_20B, "num_hidden_layers": 2})
+    assert layout.layers[1].router == {"model.layers.1.mlp.router.weight": 0, "model.layers.1.mlp.router.bias": 0}
+    fused = {t.template: t.per_expert for t in layout.layers[1].experts}
+    assert fused == {f"model.layers.1.mlp.experts.{n}": False for n in
+                     ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+    assert layout.shapes["model.layers.1.mlp.experts.gate_up_proj"] == (32, 2880, 5760)
+    assert layout.classify("model.layers.1.mlp.experts.down_proj") == TensorRole("expert", 1, None)
+    with pytest.raises(UserError, match="always sum to 1"):
+        family.compensation_config(GPT_OSS_20B, "renorm")
+
+
+def test_quantized_checkpoints_are_refused_in_one_line():
+    for config, method in ((GPT_OSS_20B, "mxfp4"), (V3, "fp8"), (MINIMAX_M2, "fp8")):
+        quantized = {**config, "quantization_config": {"quant_method": method}}
+        with pytest.raises(UserError, match=rf"quantized checkpoint \(quantization_config '{method}'\).*unquantized"):
+            detect_family(quantized).check_config(quantized)

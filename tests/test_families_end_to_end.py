@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-    Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
-    Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, GptOssConfig, GptOssForCausalLM,
+    MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
 from compressor.families import detect_family, open_checkpoint
@@ -41,7 +42,8 @@ _V3 = dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=
            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
            routed_scaling_factor=2.5, num_key_value_heads=4)
 # name (the family, or family:variant): (config class, model class, extra config, router rule: fp32 logits,
-# renormalise, scaling[, (scoring, n_group, topk_group): a selection bias, groups scored by their best two])
+# renormalise, scaling[, (scoring, n_group, topk_group): a selection bias, groups scored by their best two; scoring
+# "topk_softmax": gpt-oss's logit bias, top-k on the logits, softmax over the chosen])
 FAMILIES = {
     "deepseek_moe": (DeepseekConfig, DeepseekForCausalLM,
                      dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1,
@@ -72,6 +74,8 @@ FAMILIES = {
     "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM,
                      dict(moe_num_experts=EXPERTS, moe_intermediate_size=16, moe_num_shared_experts=1,
                           moe_layer_start_index=1, moe_layer_interval=1), (True, True, 1.0, ("softmax", 1, 1))),
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8, intermediate_size=16),
+                (False, False, 1.0, ("topk_softmax", 1, 1))),
 }
 NAMES = list(FAMILIES)
 
@@ -144,6 +148,12 @@ def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: i
     else:
         scoring, n_group, topk_group = grouping[0]
         n_group, topk_group = groups or (n_group, topk_group)
+        if scoring == "topk_softmax":
+            logits = x @ weight.T + bias
+            if dropped is not None:
+                logits = logits.masked_fill(dropped, float("-inf"))
+            top, index = logits.float().topk(top_k, dim=-1)
+            return top.softmax(-1), index
         scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + bias.float()
         if dropped is not None:
@@ -160,12 +170,33 @@ def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: i
 
 
 def _bias(tensors: dict, router_name: str):
-    """The selection-only bias on disk: the router's (DeepSeek-V3, GLM), the MoE block's (MiniMax-M2) or its
-    statistics module's (ERNIE)."""
-    block = router_name.removesuffix("gate.weight")
+    """The router's bias: the selection-only one of the router (DeepSeek-V3, GLM), of the MoE block (MiniMax-M2) or
+    of its statistics module (ERNIE); gpt-oss's logit bias."""
+    block = router_name.removesuffix("gate.weight").removesuffix("router.weight")
     found = [t for n, t in tensors.items() if n.startswith(block) and n.endswith("e_score_correction_bias")]
     assert len(found) <= 1
-    return found[0] if found else None
+    return found[0] if found else tensors.get(router_name.removesuffix("weight") + "bias")
+
+
+def _router(block):
+    return getattr(block, "gate", None) or block.router
+
+
+def _block_forward(block, x):
+    """The MoE block's own output for tokens `x` [T, H] (gpt-oss's block also returns its router scores)."""
+    out = block(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def expert_reference(name, config, w, h):
+    """One routed expert's output for token `h` from its weight views, written here: SwiGLU, or gpt-oss's clamped
+    variant with biases."""
+    if name != "gpt_oss":
+        return (F.silu(w.gate @ h) * (w.up @ h)) @ w.down.T
+    limit, alpha = config["swiglu_limit"], config["swiglu_alpha"]
+    gate = (w.gate @ h + w.gate_bias).clamp(max=limit)
+    up = (w.up @ h + w.up_bias).clamp(-limit, limit)
+    return w.down @ ((up + 1) * gate * torch.sigmoid(gate * alpha)) + w.down_bias
 
 
 def _native_router(block, x):
@@ -205,7 +236,8 @@ def test_route_matches_the_family_router_and_the_rule_written_here(checkpoints, 
 
 def _router_name(directory: Path, layer: int) -> str:
     names = [n for n in disk(directory) if n.endswith((f"layers.{layer}.mlp.gate.weight",
-                                                     f"layers.{layer}.block_sparse_moe.gate.weight"))]
+                                                     f"layers.{layer}.block_sparse_moe.gate.weight",
+                                                     f"layers.{layer}.mlp.router.weight"))]
     assert len(names) == 1, names
     return names[0]
 
@@ -220,11 +252,11 @@ def test_block_outputs_and_weight_views(checkpoints, name):
         decoder_layer = model.model.layers[layer]
         block = MoEBlock(family, config, layer, decoder_layer)
         with torch.no_grad():
-            native = _block(decoder_layer)(x[None])[0]
+            native = _block_forward(_block(decoder_layer), x)
             torch.testing.assert_close(block.forward(x), native, rtol=1e-5, atol=1e-6)
             seen = []
             detach = block.observe(lambda **kw: seen.append(kw))
-            observed = _block(decoder_layer)(x[None])[0]
+            observed = _block_forward(_block(decoder_layer), x)
             detach()
             torch.testing.assert_close(observed, native, rtol=1e-5, atol=1e-6)
             assert len(seen) == 1 and seen[0]["expert_outputs"].shape == (24, TOP_K, HIDDEN)
@@ -232,9 +264,7 @@ def test_block_outputs_and_weight_views(checkpoints, name):
             for slot in range(TOP_K):
                 for token in (0, 7, 23):
                     expert = int(routing.indices[token, slot])
-                    w = block.expert_weights(expert)
-                    h = x[token]
-                    expected = (F.silu(w.gate @ h) * (w.up @ h)) @ w.down.T
+                    expected = expert_reference(name, config, block.expert_weights(expert), x[token])
                     torch.testing.assert_close(seen[0]["expert_outputs"][token, slot], expected, rtol=1e-5, atol=1e-6)
             # the views write through into the fused tensors
             w = block.expert_weights(3)
@@ -320,12 +350,13 @@ def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids,
     biases excluded), top-`top_k`; `groups` (n_group, topk_group) and `renorm` override the rule's."""
     saved = {}
     for layer, kept in keep.items():
-        router = _block(model.model.layers[layer]).gate
+        block = _block(model.model.layers[layer])
+        router = _router(block)
         dropped = torch.ones(EXPERTS, dtype=torch.bool)
         dropped[kept] = False
         weight = router.weight.detach()
-        block = _block(model.model.layers[layer])
-        bias = _bias({**dict(block.named_parameters()), **dict(block.named_buffers())}, "gate.weight")
+        bias = _bias({n: t.detach() for n, t in [*block.named_parameters(), *block.named_buffers()]},
+                     "gate.weight" if router is getattr(block, "gate", None) else "router.weight")
 
         def forward(hidden, *_, weight=weight, dropped=dropped, bias=bias):
             x = hidden.reshape(-1, HIDDEN)
@@ -379,10 +410,13 @@ def test_pruned_output_in_transformers_equals_the_masked_original(checkpoints, n
     layout = open_checkpoint(directory).layout
     for layer, kept in keep.items():
         kept = sorted(kept)  # a plan's experts are renumbered in ascending order of their original ids
-        for template in (t.template for t in layout.layers[layer].experts):
+        for tensor in layout.layers[layer].experts:
+            if not tensor.per_expert:  # fused on disk (gpt-oss): sliced along the expert axis
+                assert torch.equal(output[tensor.name()], source[tensor.name()][kept])
+                continue
             for new, old in enumerate(kept):
-                assert torch.equal(output[template.format(new)], source[template.format(old)])
-            assert template.format(4) not in output
+                assert torch.equal(output[tensor.name(new)], source[tensor.name(old)])
+            assert tensor.name(4) not in output
         for router, axis in layout.layers[layer].router.items():  # ERNIE's selection bias is [1, E]
             assert torch.equal(output[router], source[router].index_select(axis, torch.tensor(kept)))
     untouched = [n for n in source if layout.classify(n).kind in ("other", "shared_expert")]
@@ -511,6 +545,22 @@ def test_renorm_on_a_sigmoid_router_renormalises_the_chosen_weights(checkpoints,
     expected = masked_logits("deepseek_v3", model, keep, 2, ids, renorm=True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (masked_logits("deepseek_v3", model, keep, 2, ids) - expected).abs().max() > 1e-3
+
+
+def test_a_quantized_checkpoint_is_refused_in_one_line(checkpoints, tmp_path, capsys):
+    import shutil
+
+    model, directory = checkpoints["deepseek_v3"]
+    quantized = tmp_path / "fp8"
+    shutil.copytree(directory, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (quantized / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", quantized, write_plan(directory, tmp_path / "plan.json", keep_for(model), 1),
+                            "-o", out, "--no-validate"], capsys)
+    assert code == 2 and not out.exists(), err
+    assert len(err.strip().splitlines()) == 1 and "quantization_config 'fp8'" in err
 
 
 # -- per-layer expert counts, validation, serving ---------------------------------------------------------------------

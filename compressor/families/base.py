@@ -98,6 +98,10 @@ class FamilyAdapter:
     shared_gate_attr: ClassVar[str | None] = None  # sigmoid gate on the shared output (Qwen2-MoE)
     # the selection-only bias (where the family has one), relative to the block: a router buffer, or the block's own
     correction_bias_path: ClassVar[str] = "gate.e_score_correction_bias"
+    # the experts' layout flags (is_transposed, is_concatenated, has_bias, has_gate) where the experts module does not
+    # carry transformers' own (gpt-oss's hand-written experts)
+    experts_layout: ClassVar[dict] = {}
+    block_returns_tuple: ClassVar[bool] = False  # the block returns (hidden states, router scores) (gpt-oss)
     # transformers' classes (module path, class name); None: found through transformers' Auto mappings
     model_class_path: ClassVar[tuple[str, str] | None] = None
     config_class_path: ClassVar[tuple[str, str] | None] = None
@@ -322,7 +326,13 @@ class FamilyAdapter:
 
     def check_config(self, config: Mapping) -> None:
         """UserError (naming the key) when config.json's values cannot describe a model of this family: wrong
-        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses."""
+        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses; a quantized
+        checkpoint (its scale tensors would not follow the experts)."""
+        quantization = config.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
+            raise UserError(f"config.json ({self.name}) describes a quantized checkpoint (quantization_config "
+                            f"{method!r}); moe-compress reads unquantized (bf16/fp16/fp32) checkpoints only")
         layers = config_int(config, "num_hidden_layers", minimum=1)
         config_int(config, "hidden_size", minimum=1)
         config_int(config, "vocab_size", minimum=1)

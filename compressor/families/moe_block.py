@@ -103,6 +103,10 @@ class MoEBlock:
         self.spec = family.router(config)
         self.num_experts = int(self.router.weight.shape[0])
 
+    def _layout(self, flag: str, default: bool) -> bool:
+        """The experts' layout flag: the family's declaration, else the experts module's own attribute."""
+        return self.family.experts_layout.get(flag, getattr(self.experts, flag, default))
+
     # -- routing ----------------------------------------------------------------------------------------
 
     def route(self, x: torch.Tensor, removed: torch.Tensor | None = None, top_k: int | None = None) -> Routing:
@@ -156,7 +160,8 @@ class MoEBlock:
             shared = self.shared_output(flat)
             callback(hidden_states=flat, routing=routing, expert_outputs=outputs, routed_output=routed,
                      shared_output=shared)
-            return (routed if shared is None else routed + shared).view(shape)
+            out = (routed if shared is None else routed + shared).view(shape)
+            return (out, routing.weights) if self.family.block_returns_tuple else out
 
         module.forward = forward
 
@@ -170,19 +175,19 @@ class MoEBlock:
     def expert_weights(self, expert: int) -> ExpertWeights:
         """Views of routed expert `expert`'s weights (no copy)."""
         ex = self.experts
-        transposed = getattr(ex, "is_transposed", False)
+        transposed = self._layout("is_transposed", False)
 
         def linear_view(tensor):  # [out, in] whichever way it is stored
             return tensor.T if transposed else tensor
 
         down = linear_view(ex.down_proj[expert])
-        down_bias = ex.down_proj_bias[expert] if getattr(ex, "has_bias", False) else None
-        if not getattr(ex, "has_gate", True):
-            up_bias = ex.up_proj_bias[expert] if getattr(ex, "has_bias", False) else None
+        down_bias = ex.down_proj_bias[expert] if self._layout("has_bias", False) else None
+        if not self._layout("has_gate", True):
+            up_bias = ex.up_proj_bias[expert] if self._layout("has_bias", False) else None
             return ExpertWeights(None, linear_view(ex.up_proj[expert]), down, None, up_bias, down_bias)
         gate_up = linear_view(ex.gate_up_proj[expert])  # [2I, H]
-        bias = ex.gate_up_proj_bias[expert] if getattr(ex, "has_bias", False) else None
-        if getattr(ex, "is_concatenated", True):
+        bias = ex.gate_up_proj_bias[expert] if self._layout("has_bias", False) else None
+        if self._layout("is_concatenated", True):
             half = gate_up.shape[0] // 2
             parts = (gate_up[:half], gate_up[half:]), (None, None) if bias is None else (bias[:half], bias[half:])
         else:
@@ -193,13 +198,13 @@ class MoEBlock:
     def expert_activation(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """What routed expert `expert` feeds its down projection for tokens `x` [n, H]: [n, I]."""
         ex = self.experts
-        transposed = getattr(ex, "is_transposed", False)
-        name = "gate_up_proj" if getattr(ex, "has_gate", True) else "up_proj"
+        transposed = self._layout("is_transposed", False)
+        name = "gate_up_proj" if self._layout("has_gate", True) else "up_proj"
         weight = getattr(ex, name)[expert]
         projected = x @ weight if transposed else F.linear(x, weight)
-        if getattr(ex, "has_bias", False):
+        if self._layout("has_bias", False):
             projected = projected + getattr(ex, f"{name}_bias")[expert]
-        return ex._apply_gate(projected) if getattr(ex, "has_gate", True) else ex.act_fn(projected)
+        return ex._apply_gate(projected) if self._layout("has_gate", True) else ex.act_fn(projected)
 
     def routed_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.experts.parameters())
