@@ -482,6 +482,9 @@ def _last_moe_layer_error(model, out: Path, sequences) -> float:
 def test_grouped_router_plans_keep_groups_equal_and_export_refuses_breaking_plans(checkpoints, rows, tmp_path,
                                                                                    capsys):
     model, directory = checkpoints["deepseek_v3"]
+    code, out, err = run_cli(["inspect", directory], capsys)
+    assert code == 0 and "sigmoid, top-2 in the best 1 of 2 expert groups, noaux_tc, renormalise no, x2.5, selection " \
+        "bias" in out, err
     profile_path = tmp_path / "profile.json"
     code, _, err = run_cli(["profile", directory, "-d", f"r={rows}", "-o", profile_path, "--seq-len", "16",
                             "--device", "cpu"], capsys)

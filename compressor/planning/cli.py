@@ -48,8 +48,8 @@ def plan() -> None:
 @click.option("--compensation", default="distill", show_default=True, metavar="|".join(COMPENSATIONS),
               help="recorded in the plan; export may override it")
 @click.option("--ungroup", is_flag=True,
-              help="group-limited routers: the output routes by plain top-k (n_group 1), so any strategy may keep "
-                   "unequal numbers per expert group [default: keep every group's count equal]")
+              help="group-limited routers: the output routes by plain top-k (one expert group), so any strategy may "
+                   "keep unequal numbers per expert group [default: keep every group's count equal]")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 def make(profile_path, output, strategy, keep, keep_fraction, coverage, min_keep, max_keep, criterion, domains,
          protect, top_k, compensation, ungroup, overwrite):
