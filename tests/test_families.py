@@ -336,12 +336,21 @@ def test_deepseek_v2_grouped_router_constraints():
     assert family.native_transformers_support(V2_GROUPED, balanced, 6) is None
 
     not_divisible = {layer: list(range(30)) for layer in layers}
-    with pytest.raises(UserError, match=r"divisible by n_group=8.*--ungroup \(route without groups: n_group: 1, "
-                                        r"topk_group: 1, topk_method: greedy"):
+    with pytest.raises(UserError, match=r"keeps \[20, 10, 0, 0, 0, 0, 0, 0\].*--ungroup \(route without groups: "
+                                        r"n_group: 1, topk_group: 1, topk_method: greedy"):
         family.pruned_config(V2_GROUPED, not_divisible, top_k=6)
-    unbalanced = {layer: list(range(32)) for layer in layers}  # groups 0 and 1 full, the rest empty
-    with pytest.raises(UserError, match=r"every group must keep the same number of experts \(4\).*without groups"):
+    unbalanced = {layer: list(range(32)) for layer in layers}  # group 0 full, 12 of group 1, the rest empty
+    with pytest.raises(UserError, match=r"every group keeps the same number of experts \(or none.*without groups"):
         family.pruned_config(V2_GROUPED, unbalanced, top_k=6)
+    four_groups = {layer: list(range(80)) for layer in layers}  # groups 0..3 whole, 4..7 dropped
+    new = family.pruned_config(V2_GROUPED, four_groups, top_k=6)
+    assert (new["n_routed_experts"], new["n_group"], new["topk_group"]) == (80, 4, 3)
+    two_groups = {layer: [*range(5), *range(40, 45)] for layer in layers}
+    new = family.pruned_config(V2_GROUPED, two_groups, top_k=6)
+    assert (new["n_routed_experts"], new["n_group"], new["topk_group"]) == (10, 2, 2)
+    with pytest.raises(UserError, match="every layer must keep the same number of groups: layer 1 keeps 4, layer 2 "
+                                        "keeps 2"):
+        family.pruned_config(V2_GROUPED, {**four_groups, 2: two_groups[2]}, top_k=6)
     shuffled = {layer: list(reversed(experts)) for layer, experts in balanced.items()}
     shuffled[1] = [e for pair in zip(balanced[1][:16], balanced[1][16:]) for e in pair]
     with pytest.raises(UserError, match="group by group"):
@@ -349,7 +358,7 @@ def test_deepseek_v2_grouped_router_constraints():
     one_per_group = {layer: [g * 20 for g in range(8)] for layer in layers}
     with pytest.raises(UserError, match="top_k=6 exceeds the 3 experts left in 3 groups"):
         family.pruned_config(V2_GROUPED, one_per_group, top_k=6)
-    assert "divisible" in family.native_transformers_support(V2_GROUPED, not_divisible, 6)
+    assert "every group keeps the same number" in family.native_transformers_support(V2_GROUPED, not_divisible, 6)
 
     ungrouped = family.pruned_config(V2_GROUPED, unbalanced, top_k=1, ungroup=True)
     assert (ungrouped["topk_method"], ungrouped["n_group"], ungrouped["topk_group"]) == ("greedy", 1, 1)
@@ -398,11 +407,14 @@ def test_deepseek_v3_router_and_group_constraints():
     with pytest.raises(UserError, match="top_k=9 exceeds the 8 experts left in 4 groups of 2"):
         family.pruned_config(V3, two_per_group, top_k=9)
 
-    front = {layer: list(range(64)) for layer in layers}  # groups 0 and 1 only
-    with pytest.raises(UserError, match=r"keeps \[32, 32, 0, 0, 0, 0, 0, 0\]"):
-        family.pruned_config(V3, front, top_k=8)
-    ungrouped = family.pruned_config(V3, front, top_k=8, ungroup=True)
-    assert (ungrouped["n_group"], ungrouped["topk_group"], ungrouped["n_routed_experts"]) == (1, 1, 64)
+    front = {layer: list(range(64)) for layer in layers}  # groups 0 and 1 whole, the other six dropped
+    regrouped = family.pruned_config(V3, front, top_k=8)
+    assert (regrouped["n_group"], regrouped["topk_group"], regrouped["n_routed_experts"]) == (2, 2, 64)
+    lopsided = {layer: list(range(48)) for layer in layers}
+    with pytest.raises(UserError, match=r"keeps \[32, 16, 0, 0, 0, 0, 0, 0\]"):
+        family.pruned_config(V3, lopsided, top_k=8)
+    ungrouped = family.pruned_config(V3, lopsided, top_k=8, ungroup=True)
+    assert (ungrouped["n_group"], ungrouped["topk_group"], ungrouped["n_routed_experts"]) == (1, 1, 48)
     assert not family.router(ungrouped).grouped and family.expert_groups(ungrouped) is None
     with pytest.raises(UserError, match="every layer must keep at least 2; layer 3 keeps 1"):
         family.pruned_config(V3, {layer: [5] for layer in layers}, top_k=1, ungroup=True)

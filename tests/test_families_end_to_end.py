@@ -505,32 +505,45 @@ def test_grouped_router_plans_keep_groups_equal_and_export_refuses_breaking_plan
     code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "free.json", "--strategy", "coverage",
                             "--ungroup"], capsys)
     assert code == 0 and json.loads((tmp_path / "free.json").read_text())["ungroup"] is True, err
+    code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "one.json", "--keep", "2", "--keep-groups", "1"],
+                           capsys)
+    assert code == 0, err
+    by_group = {}  # the group of highest selection count, then its 2 most selected experts
+    for layer, stats in profile["domains"]["r"]["layers"].items():
+        counts = stats["selected"]
+        group = max((0, 1), key=lambda g: (sum(counts[4 * g:4 * g + 4]), -g))
+        by_group[int(layer)] = sorted(sorted(range(4 * group, 4 * group + 4), key=lambda e: -counts[e])[:2])
+    plan = json.loads((tmp_path / "one.json").read_text())
+    assert {int(layer): spec["keep"] for layer, spec in plan["layers"].items()} == by_group
 
-    one_group = {1: [0, 1, 2, 3], 2: [4, 5, 6, 7]}
-    for keep, message in ((one_group, r"every group must keep the same number of experts \(2\)"),
-                          ({1: [0, 4], 2: [3, 7]}, "at least 2 per group")):
+    lopsided = {1: [0, 1, 2, 4], 2: [0, 4, 5, 6]}
+    for keep, message in ((lopsided, r"every group keeps the same number of experts \(or none"),
+                          ({1: [0, 4], 2: [3, 7]}, "at least 2 per group"),
+                          ({1: [0, 1, 4, 5], 2: [0, 1]}, "layer 1 keeps 2, layer 2 keeps 1")):
         out = tmp_path / "refused"
         code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "p.json", keep, 1), "-o", out,
                                 "--no-validate"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists(), err
-        assert re.search(message, err) and "--ungroup" in err, err
+        assert re.search(message, err), err
 
-    # --ungroup: the output routes by plain top-k (one group), any plan is valid
-    out = tmp_path / "ungrouped"
-    plan = write_plan(directory, tmp_path / "u.json", one_group, 1, ungroup=True)
-    code, _, err = run_cli(["export", directory, plan, "-o", out, "--no-validate"], capsys)
-    assert code == 0, err
-    config = json.loads((out / "config.json").read_text())
-    assert (config["n_group"], config["topk_group"], config["n_routed_experts"]) == (1, 1, 4)
-    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    # a whole group dropped: one group left, routing exactly the masked original's; --ungroup: plain top-k
     ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        got = pruned(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, masked_logits("deepseek_v3", model, one_group, 1, ids, groups=(1, 1)),
-                               rtol=1e-5, atol=1e-5)
-    source, output = disk(directory), disk(out)
+    one_group = {1: [4, 5, 6, 7], 2: [0, 1, 2, 3]}
+    for keep, extra, groups in ((one_group, {}, None), (lopsided, {"ungroup": True}, (1, 1)), (by_group, {}, None)):
+        out = tmp_path / f"out{len(extra)}{len(keep[1])}"
+        code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "u.json", keep, 1, **extra),
+                                "-o", out, "--no-validate"], capsys)
+        assert code == 0, err
+        config = json.loads((out / "config.json").read_text())
+        assert (config["n_group"], config["topk_group"], config["n_routed_experts"]) == (1, 1, len(keep[1]))
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = pruned(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, masked_logits("deepseek_v3", model, keep, 1, ids, groups=groups),
+                                   rtol=1e-5, atol=1e-5)
+    source, output = disk(directory), disk(tmp_path / "out14")
     bias = "model.layers.2.mlp.gate.e_score_correction_bias"
-    assert torch.equal(output[bias], source[bias][4:])
+    assert torch.equal(output[bias], source[bias][[0, 4, 5, 6]])
 
 
 def test_renorm_on_a_sigmoid_router_renormalises_the_chosen_weights(checkpoints, tmp_path, capsys):

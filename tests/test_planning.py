@@ -507,3 +507,26 @@ def test_uniform_on_a_grouped_router_keeps_the_best_of_every_group():
     profile.model.expert_groups = ExpertGroups(count=2, chosen=1, min_kept=2)
     with pytest.raises(UserError, match="at least 2: keep a multiple of 2 of at least 4"):
         kept(profile, keep=2)
+
+
+def test_keep_groups_drops_the_groups_of_lowest_total_score():
+    from compressor.profiling.schema import ExpertGroups
+
+    profile = make_profile({"code": {1: [10, 50, 30, 0, 20, 5, 40, 45], 2: [9, 8, 7, 6, 1, 2, 3, 4]}})
+    profile.model.expert_groups = ExpertGroups(count=2, chosen=1, min_kept=1)
+    # group totals: layer 1: 90 | 110, layer 2: 30 | 10
+    assert kept(profile, keep=2, keep_groups=1) == {1: [6, 7], 2: [0, 1]}
+    assert kept(profile, keep_groups=1) == {1: [4, 5, 6, 7], 2: [0, 1, 2, 3]}  # half of 8 in one group: all of it
+    assert kept(profile, keep=2, keep_groups=1, protect={1: {3}}) == {1: [1, 3], 2: [0, 1]}
+    plan = make_plan(profile, PlanOptions(keep=2, keep_groups=1))
+    assert plan.strategy.parameters["keep_groups"] == 1
+    with pytest.raises(UserError, match="protected experts lie in 2 expert groups, more than the 1"):
+        kept(profile, keep=2, keep_groups=1, protect={1: {0, 7}})
+    with pytest.raises(UserError, match="--keep-groups 3: this model's router has 2 expert groups"):
+        kept(profile, keep=3, keep_groups=3)
+    with pytest.raises(UserError, match="6 experts in each of 1 groups, but a group has only 4"):
+        kept(profile, keep_fraction=0.75, keep_groups=1)
+    with pytest.raises(UserError, match="--keep-groups applies to group-limited routers.*once --ungroup"):
+        kept(profile, keep=2, keep_groups=1, ungroup=True)
+    with pytest.raises(UserError, match="goes with --strategy uniform"):
+        kept(profile, strategy="coverage", keep_groups=1)

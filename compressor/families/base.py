@@ -211,6 +211,10 @@ class FamilyAdapter:
         """`config` with group-limited routing rewritten to plain top-k (unchanged for families without groups)."""
         return dict(config)
 
+    def regrouped(self, config: Mapping, groups: int, chosen: int) -> dict:
+        """`config` routing over `groups` expert groups, `chosen` of them open per token (families with groups)."""
+        raise UserError(f"{self.name} has no expert groups to change")
+
     def expert_groups(self, config: Mapping) -> dict | None:
         """A group-limited router's groups as planning sees them: ``count`` contiguous groups per MoE layer,
         ``chosen`` of them open to each token, ``min_kept`` experts at least per group; None without groups."""
@@ -222,12 +226,19 @@ class FamilyAdapter:
     def pruned_config(self, config: Mapping, kept: Mapping, top_k: int, *, ungroup: bool = False) -> dict:
         """config.json of the output: the family's expert count key (the largest kept count), PER_LAYER_KEY for
         layers that keep fewer, and the top-k key. `kept[layer]` lists old expert ids in their new order.
-        `ungroup=True` rewrites a grouped router to plain top-k (any plan is then valid)."""
+        `ungroup=True` rewrites a grouped router to plain top-k (any plan is then valid); a plan that drops whole
+        expert groups lowers the group count (and the open groups to at most that)."""
         if ungroup:
             config = self.ungrouped(config)
         plan = self.check_kept(config, kept, top_k)
         counts = {layer: len(experts) for layer, experts in plan.items()}
         new = copy.deepcopy(dict(config))
+        router = self.router(config)
+        if router.grouped and plan:  # whole groups dropped (check_kept: as many in every layer): fewer groups
+            layer, experts = next(iter(plan.items()))
+            groups = len({expert // (self.num_experts(config, layer) // router.n_group) for expert in experts})
+            if groups < router.n_group:
+                new.update(self.regrouped(config, groups, min(router.topk_group, groups)))
         new.pop(PER_LAYER_KEY, None)
         if counts:
             largest = max(counts.values())
@@ -357,42 +368,48 @@ class FamilyAdapter:
 
 
 def check_balanced_groups(family, config, plan: dict[int, list[int]], top_k: int, router: RouterSpec) -> None:
-    """A plan for a group-limited router keeps the same number of experts in every group (at least
-    `router.min_kept_per_group`) and lists them group by group, so the output's contiguous groups are the original
-    ones; UserError with the fix otherwise."""
+    """A plan for a group-limited router keeps the same number of experts (at least `router.min_kept_per_group`) in
+    each group it keeps, the same number of groups in every layer (a whole group may go), and lists them group by
+    group, so the output's contiguous groups are the original ones; UserError with the fix otherwise."""
     n_group = router.n_group
     where = (f"the router picks experts from the best {router.topk_group} of {n_group} expert groups "
              f"({router.topk_method})")
     changed = sorted((k, v) for k, v in family.ungrouped(config).items() if config.get(k) != v)
     hint = (f"or plan with --ungroup (route without groups: {', '.join(f'{k}: {v}' for k, v in changed)}; "
             "tokens may then pick experts outside their best groups)")
+    groups_kept: dict[int, int] = {}
     for layer, experts in sorted(plan.items()):
         total = family.num_experts(config, layer)
         if total % n_group:
             raise UserError(f"layer {layer}: {total} experts cannot form {n_group} equal groups ({where})")
-        size, count = total // n_group, len(experts)
-        if count % n_group:
-            raise UserError(f"{where}, so the kept expert count must stay divisible by n_group={n_group} with every "
-                            f"group keeping the same number; the plan keeps {count}. Keep a multiple of {n_group}, "
-                            f"{hint}")
-        per = count // n_group
+        size = total // n_group
         per_group = [0] * n_group
         for expert in experts:
             per_group[expert // size] += 1
-        if any(c != per for c in per_group):
-            raise UserError(f"{where}, so every group must keep the same number of experts ({per}); layer {layer} "
-                            f"keeps {per_group} from groups 0..{n_group - 1}. Balance the plan, {hint}")
+        sizes = {c for c in per_group if c}
+        if len(sizes) > 1:
+            raise UserError(f"{where}, so every group keeps the same number of experts (or none: a whole group may "
+                            f"go); layer {layer} keeps {per_group} from groups 0..{n_group - 1}. Balance the plan, "
+                            f"{hint}")
+        per, kept = sizes.pop(), sum(1 for c in per_group if c)
         if per < router.min_kept_per_group:
             raise UserError(f"{where}, which scores a group by its {router.min_kept_per_group} best experts; layer "
                             f"{layer} keeps {per} per group. Keep at least {router.min_kept_per_group} per group, "
                             f"{hint}")
-        for block in range(n_group):
+        for block in range(kept):
             if len({expert // size for expert in experts[block * per:(block + 1) * per]}) != 1:
                 raise UserError(f"{where}; layer {layer} must list its kept experts group by group (new group {block} "
                                 f"= kept positions {block * per}..{(block + 1) * per - 1}), e.g. in ascending order")
-        if top_k > router.topk_group * per:
-            raise UserError(f"{where}; top_k={top_k} exceeds the {router.topk_group * per} experts left in "
-                            f"{router.topk_group} groups of {per}. Keep more experts per group, {hint}")
+        open_groups = min(router.topk_group, kept)
+        if top_k > open_groups * per:
+            raise UserError(f"{where}; top_k={top_k} exceeds the {open_groups * per} experts left in "
+                            f"{open_groups} groups of {per} (layer {layer}). Keep more experts per group, {hint}")
+        groups_kept[layer] = kept
+    if len(set(groups_kept.values())) > 1:
+        (a, x), (b, y) = next(iter(groups_kept.items())), next(
+            (layer, n) for layer, n in groups_kept.items() if n != next(iter(groups_kept.values())))
+        raise UserError(f"{where}; the group count is one setting for all layers, so every layer must keep the same "
+                        f"number of groups: layer {a} keeps {x}, layer {b} keeps {y}")
 
 
 def config_int(config: Mapping, key: str, *, default=None, minimum: int = 0) -> int:

@@ -53,6 +53,9 @@ class DeepseekV2Family(FamilyAdapter):
     def ungrouped(self, config: Mapping) -> dict:
         return {**config, "topk_method": "greedy", "n_group": 1, "topk_group": 1}
 
+    def regrouped(self, config: Mapping, groups: int, chosen: int) -> dict:
+        return {**config, "n_group": groups, "topk_group": chosen}
+
     def compensation_config(self, config, compensation: str) -> dict:
         if compensation == "renorm":
             raise UserError("compensation 'renorm' cannot be expressed for DeepSeek-V2: transformers' DeepSeek-V2 "

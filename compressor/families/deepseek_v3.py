@@ -47,4 +47,7 @@ class DeepseekV3Family(FamilyAdapter):
                           correction_bias=True, logits_fp32=True, renorm_eps=1e-20)
 
     def ungrouped(self, config: Mapping) -> dict:
-        return {**config, "n_group": 1, "topk_group": 1}
+        return self.regrouped(config, 1, 1)
+
+    def regrouped(self, config: Mapping, groups: int, chosen: int) -> dict:
+        return {**config, "n_group": groups, "topk_group": chosen}
