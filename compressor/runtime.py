@@ -239,17 +239,22 @@ def _mask_cache_arg() -> str:
 
 def run_decoder_layer(model, decoder_layer, hidden_states: torch.Tensor, attention_mask, rotary) -> torch.Tensor:
     """Run one decoder layer on `hidden_states` [batch, seq, hidden] with a [batch, seq] padding mask (or None),
-    as the whole model's forward would (causal or sliding-window mask, rotary embedding, no cache)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    as the whole model's forward would (causal, sliding-window or a linear-attention layer's padding mask, rotary
+    embedding, no cache)."""
+    from transformers.masking_utils import (
+        create_causal_mask, create_recurrent_attention_mask, create_sliding_window_causal_mask,
+    )
 
     config = model.config
     batch, seq_len, _ = hidden_states.shape
     positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
     layer_types = getattr(config, "layer_types", None)
-    index = getattr(getattr(decoder_layer, "self_attn", None), "layer_idx", None)
-    sliding = (layer_types[index] == "sliding_attention") if layer_types and index is not None \
-        else getattr(config, "sliding_window", None) is not None and not layer_types
-    create = create_sliding_window_causal_mask if sliding else create_causal_mask
+    index = next((m.layer_idx for m in decoder_layer.modules() if isinstance(getattr(m, "layer_idx", None), int)),
+                 None)
+    kind = layer_types[index] if layer_types and index is not None else (
+        "sliding_attention" if getattr(config, "sliding_window", None) is not None and not layer_types else None)
+    create = {"sliding_attention": create_sliding_window_causal_mask,
+              "linear_attention": create_recurrent_attention_mask}.get(kind, create_causal_mask)
     mask = create(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, position_ids=positions,
                   **{_mask_cache_arg(): None})
     output = decoder_layer(hidden_states, attention_mask=mask, position_ids=positions,

@@ -543,3 +543,30 @@ def test_quantized_checkpoints_are_refused_in_one_line():
         quantized = {**config, "quantization_config": {"quant_method": method}}
         with pytest.raises(UserError, match=rf"quantized checkpoint \(quantization_config '{method}'\).*unquantized"):
             detect_family(quantized).check_config(quantized)
+
+
+# Shaped like Qwen/Qwen3-Next-80B-A3B-Instruct's config.json.
+QWEN3_NEXT = {
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "decoder_sparse_step": 1,
+    "full_attention_interval": 4, "head_dim": 256, "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 5120, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "linear_value_head_dim": 128, "max_position_embeddings": 262144,
+    "mlp_only_layers": [], "moe_intermediate_size": 512, "norm_topk_prob": True, "num_attention_heads": 16,
+    "num_experts": 512, "num_experts_per_tok": 10, "num_hidden_layers": 48, "num_key_value_heads": 2,
+    "partial_rotary_factor": 0.25, "rms_norm_eps": 1e-06, "rope_theta": 10000000,
+    "shared_expert_intermediate_size": 512, "tie_word_embeddings": False, "vocab_size": 151936,
+}
+
+
+def test_qwen3_next_moe_layers_and_gated_shared_expert():
+    family = detect_family(QWEN3_NEXT)
+    assert family.name == "qwen3_next" and family.moe_layers(QWEN3_NEXT) == list(range(48))
+    family.check_config(QWEN3_NEXT)
+    spec = family.router(QWEN3_NEXT)
+    assert (spec.scoring, spec.top_k, spec.renormalize, spec.logits_fp32) == ("softmax", 10, True, False)
+    layout = CheckpointLayout(family, {**QWEN3_NEXT, "num_hidden_layers": 4})
+    assert sorted(layout.layers[3].shared) == sorted(
+        f"model.layers.3.mlp.shared_expert{part}.weight"
+        for part in (".gate_proj", ".up_proj", ".down_proj", "_gate"))
+    assert layout.shapes["model.layers.3.mlp.experts.511.down_proj.weight"] == (2048, 512)
+    assert layout.classify("model.layers.0.linear_attn.in_proj_qkvz.weight").kind == "other"

@@ -26,7 +26,7 @@ from transformers import (
     AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
     Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, GptOssConfig, GptOssForCausalLM,
     MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
-    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM,
 )
 
 from compressor.families import detect_family, open_checkpoint
@@ -74,6 +74,12 @@ FAMILIES = {
     "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM,
                      dict(moe_num_experts=EXPERTS, moe_intermediate_size=16, moe_num_shared_experts=1,
                           moe_layer_start_index=1, moe_layer_interval=1), (True, True, 1.0, ("softmax", 1, 1))),
+    "qwen3_next": (Qwen3NextConfig, Qwen3NextForCausalLM,
+                   dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                        linear_conv_kernel_dim=2), (False, True, 1.0)),
     "gpt_oss": (GptOssConfig, GptOssForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8, intermediate_size=16),
                 (False, False, 1.0, ("topk_softmax", 1, 1))),
 }

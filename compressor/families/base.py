@@ -406,10 +406,10 @@ def check_balanced_groups(family, config, plan: dict[int, list[int]], top_k: int
                             f"{open_groups} groups of {per} (layer {layer}). Keep more experts per group, {hint}")
         groups_kept[layer] = kept
     if len(set(groups_kept.values())) > 1:
-        (a, x), (b, y) = next(iter(groups_kept.items())), next(
-            (layer, n) for layer, n in groups_kept.items() if n != next(iter(groups_kept.values())))
+        first, count = next(iter(groups_kept.items()))
+        other = next(layer for layer, n in groups_kept.items() if n != count)
         raise UserError(f"{where}; the group count is one setting for all layers, so every layer must keep the same "
-                        f"number of groups: layer {a} keeps {x}, layer {b} keeps {y}")
+                        f"number of groups: layer {first} keeps {count}, layer {other} keeps {groups_kept[other]}")
 
 
 def config_int(config: Mapping, key: str, *, default=None, minimum: int = 0) -> int:
