@@ -11,6 +11,7 @@ open per token) and without groups.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -279,6 +280,20 @@ def test_block_outputs_and_weight_views(checkpoints, name):
             changed = (block.experts.down_proj != before).nonzero()[:, 0].unique().tolist()
             w.down.div_(2)
             assert changed == [3] and torch.equal(block.experts.down_proj, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_block_forward_equals_the_family_block_bit_for_bit_in_bf16(checkpoints, name):
+    """Routing in the family's dtypes: logits, scores and the weights handed to the experts (fp32 or bf16)."""
+    model, directory = checkpoints[name]
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config)
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    for layer in moe_layers(model):
+        decoder_layer = copy.deepcopy(model.model.layers[layer]).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(MoEBlock(family, config, layer, decoder_layer).forward(x),
+                               _block_forward(_block(decoder_layer), x))
 
 
 @pytest.mark.parametrize("name", NAMES)

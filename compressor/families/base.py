@@ -35,7 +35,8 @@ class RouterSpec:
     - routed_scaling_factor: multiplies the routed weights;
     - correction_bias: a selection-only bias (``e_score_correction_bias``) added to the scores to choose experts;
     - logits_fp32: logits computed in fp32 (else in the hidden states' dtype, then softmax in fp32);
-      weights_fp32: the weights handed to the experts in fp32 (None: as logits_fp32; ERNIE casts them back);
+      weights_fp32: the weights handed to the experts in fp32 (None: as logits_fp32; ERNIE casts them back,
+      Mixtral and MiniMax-M2 keep their fp32 weights);
     - softmax_after_topk: top-k on the logits, then softmax over the chosen ones (gpt-oss).
     """
 

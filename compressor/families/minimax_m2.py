@@ -3,7 +3,7 @@
 Every layer MoE, ``num_local_experts`` experts (on disk ``block_sparse_moe.experts.E.w1/w2/w3``, as Mixtral); the
 router's logits in the model's dtype, sigmoid scores in fp32, experts chosen by score + the block's selection-only
 ``e_score_correction_bias`` (``block_sparse_moe.e_score_correction_bias`` on disk, sliced with the router), the
-chosen scores always renormalised; no shared experts, no groups.
+chosen scores always renormalised and handed to the experts in fp32; no shared experts, no groups.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class MiniMaxM2Family(FamilyAdapter):
         return 0 <= layer < self.num_layers(config)
 
     def router(self, config: Mapping) -> RouterSpec:
-        return RouterSpec(scoring="sigmoid", top_k=self.top_k(config), renormalize=True, correction_bias=True)
+        return RouterSpec(scoring="sigmoid", top_k=self.top_k(config), renormalize=True, correction_bias=True,
+                          weights_fp32=True)
 
     def compensation_config(self, config, compensation: str) -> dict:
         if compensation == "renorm":
