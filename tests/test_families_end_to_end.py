@@ -584,6 +584,38 @@ def test_renorm_on_a_sigmoid_router_renormalises_the_chosen_weights(checkpoints,
     assert (masked_logits("deepseek_v3", model, keep, 2, ids) - expected).abs().max() > 1e-3
 
 
+def test_mtp_layers_are_copied_untouched(checkpoints, tmp_path, capsys):
+    """DeepSeek-V3's next-token-prediction layer (decoder layer num_hidden_layers, which transformers does not build):
+    its tensors travel byte for byte, the output still loads in plain transformers and equals the masked original."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, directory = checkpoints["deepseek_v3"]
+    source = tmp_path / "with-mtp"
+    shutil.copytree(directory, source)
+    mtp = {n.replace("layers.2.", "layers.3."): t.clone() for n, t in disk(directory).items() if ".layers.2." in n}
+    mtp["model.layers.3.eh_proj.weight"] = torch.randn(HIDDEN, 2 * HIDDEN, generator=torch.Generator().manual_seed(2))
+    save_file(mtp, source / "mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    keep, out = keep_for(model), tmp_path / "out"
+    code, _, err = run_cli(["export", source, write_plan(source, tmp_path / "plan.json", keep, 1), "-o", out,
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    output = disk(out)
+    assert all(torch.equal(output[n], t) for n, t in mtp.items())
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("deepseek_v3", model, keep, 1, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_quantized_checkpoint_is_refused_in_one_line(checkpoints, tmp_path, capsys):
     import shutil
 
