@@ -421,6 +421,9 @@ def test_deepseek_v3_router_and_group_constraints():
     assert family.compensation_config(V3, "renorm") == {"norm_topk_prob": True}
     with pytest.raises(UserError, match="topk_group=9 exceeds n_group=8"):
         family.router({**V3, "topk_group": 9})
+    assert family.vllm_problem(V3) is None
+    bare = {k: v for k, v in V3.items() if k not in ("scoring_func", "topk_method")}  # as transformers writes it
+    assert "set scoring_func: sigmoid, topk_method: noaux_tc" in family.vllm_problem(bare)
 
 
 # Shaped like zai-org/GLM-4.5-Air's config.json.

@@ -41,7 +41,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hi
               eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
 _V3 = dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
            kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-           routed_scaling_factor=2.5, num_key_value_heads=4)
+           routed_scaling_factor=2.5, num_key_value_heads=4, scoring_func="sigmoid", topk_method="noaux_tc")
 # name (the family, or family:variant): (config class, model class, extra config, router rule: fp32 logits,
 # renormalise, scaling[, (scoring, n_group, topk_group): a selection bias, groups scored by their best two; scoring
 # "topk_softmax": gpt-oss's logit bias, top-k on the logits, softmax over the chosen])

@@ -46,6 +46,17 @@ class DeepseekV3Family(FamilyAdapter):
                           routed_scaling_factor=float(self.setting(config, "routed_scaling_factor")),
                           correction_bias=True, logits_fp32=True, renorm_eps=1e-20)
 
+    def vllm_problem(self, config: Mapping) -> str | None:
+        # vLLM's DeepSeek-V3 takes the scoring function (default softmax) and the selection bias (noaux_tc only)
+        # from config.json, where transformers always routes by sigmoid with the bias
+        wrong = {key: value for key, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"))
+                 if config.get(key) != value}
+        if wrong:
+            return (f"vLLM's DeepSeek-V3 reads {' and '.join(wrong)} from config.json and would route otherwise than "
+                    "transformers (what moe-compress exported and validated with); set "
+                    f"{', '.join(f'{key}: {value}' for key, value in wrong.items())} (as DeepSeek's own configs do)")
+        return None
+
     def ungrouped(self, config: Mapping) -> dict:
         return self.regrouped(config, 1, 1)
 
