@@ -423,7 +423,7 @@ def test_deepseek_v3_router_and_group_constraints():
         family.router({**V3, "topk_group": 9})
     assert family.vllm_problem(V3) is None
     bare = {k: v for k, v in V3.items() if k not in ("scoring_func", "topk_method")}  # as transformers writes it
-    assert "set scoring_func: sigmoid, topk_method: noaux_tc" in family.vllm_problem(bare)
+    assert 'set scoring_func: "sigmoid", topk_method: "noaux_tc"' in family.vllm_problem(bare)
 
 
 # Shaped like zai-org/GLM-4.5-Air's config.json.
@@ -481,6 +481,8 @@ def test_minimax_m2_router_and_its_block_level_selection_bias():
     assert layout.classify("model.layers.0.block_sparse_moe.e_score_correction_bias") == TensorRole("router", 0, None)
     new = family.pruned_config(MINIMAX_M2, {layer: list(range(128)) for layer in range(62)}, top_k=4)
     assert (new["num_local_experts"], new["num_experts_per_tok"]) == (128, 4)
+    assert family.vllm_problem(new) is None
+    assert "set use_routing_bias: true" in family.vllm_problem({**new, "use_routing_bias": False})
 
 
 # Shaped like baidu/ERNIE-4.5-21B-A3B-PT's config.json.

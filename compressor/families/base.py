@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -111,6 +112,8 @@ class FamilyAdapter:
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
+    # config.json values vLLM reads to route as transformers does (transformers' config class may not write them)
+    vllm_routing_keys: ClassVar[dict] = {}
 
     # -- structure --------------------------------------------------------------------------------
 
@@ -273,6 +276,12 @@ class FamilyAdapter:
 
     def vllm_problem(self, config: Mapping) -> str | None:
         """Why vLLM would compute something else than transformers on an output with `config`, or None."""
+        wrong = {key: value for key, value in self.vllm_routing_keys.items() if config.get(key) != value}
+        if wrong:
+            return (f"vLLM's {self.name} reads {' and '.join(wrong)} from config.json and would route otherwise than "
+                    "transformers (what moe-compress exported and validated with); set "
+                    f"{', '.join(f'{key}: {json.dumps(value)}' for key, value in wrong.items())} (as the published "
+                    "configs do)")
         return None
 
     # -- in memory --------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ class DeepseekV3Family(FamilyAdapter):
     # vLLM runs DeepSeek-V3 with DeepSeek-V2's MLA attention: the same CPU-build settings apply
     vllm_cpu_workaround = DeepseekV2Family.vllm_cpu_workaround
     vllm_cpu_engine_args = DeepseekV2Family.vllm_cpu_engine_args
+    # vLLM takes the scoring function (default softmax) and the selection bias (noaux_tc only) from config.json
+    vllm_routing_keys = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 
     def _int(self, config: Mapping, key: str) -> int:
         value, minimum = self.setting(config, key), 0 if key == "first_k_dense_replace" else 1
@@ -45,17 +47,6 @@ class DeepseekV3Family(FamilyAdapter):
                           n_group=n_group, topk_group=topk_group,
                           routed_scaling_factor=float(self.setting(config, "routed_scaling_factor")),
                           correction_bias=True, logits_fp32=True, renorm_eps=1e-20)
-
-    def vllm_problem(self, config: Mapping) -> str | None:
-        # vLLM's DeepSeek-V3 takes the scoring function (default softmax) and the selection bias (noaux_tc only)
-        # from config.json, where transformers always routes by sigmoid with the bias
-        wrong = {key: value for key, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"))
-                 if config.get(key) != value}
-        if wrong:
-            return (f"vLLM's DeepSeek-V3 reads {' and '.join(wrong)} from config.json and would route otherwise than "
-                    "transformers (what moe-compress exported and validated with); set "
-                    f"{', '.join(f'{key}: {value}' for key, value in wrong.items())} (as DeepSeek's own configs do)")
-        return None
 
     def ungrouped(self, config: Mapping) -> dict:
         return self.regrouped(config, 1, 1)

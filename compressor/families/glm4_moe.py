@@ -17,6 +17,4 @@ class Glm4MoeFamily(DeepseekV3Family):
     vllm_architectures = ("Glm4MoeForCausalLM",)
     vllm_cpu_workaround = None
     vllm_cpu_engine_args = {}
-
-    def vllm_problem(self, config) -> str | None:
-        return None  # vLLM's GLM-4.5 routes by sigmoid with the selection bias whatever config.json says
+    vllm_routing_keys = {}  # vLLM's GLM-4.5 routes by sigmoid with the selection bias whatever config.json says

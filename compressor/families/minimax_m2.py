@@ -20,6 +20,8 @@ class MiniMaxM2Family(FamilyAdapter):
     expert_count_key = "num_local_experts"
     correction_bias_path = "e_score_correction_bias"
     vllm_architectures = ("MiniMaxM2ForCausalLM",)
+    # vLLM takes the scoring function and whether there is a selection bias from config.json
+    vllm_routing_keys = {"scoring_func": "sigmoid", "use_routing_bias": True}
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         return 0 <= layer < self.num_layers(config)
