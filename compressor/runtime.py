@@ -153,13 +153,18 @@ class CheckpointTensors:
         self.source_layout = source_layout or layout
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """All on-disk tensors of decoder layer `layer`, as names of `layout`."""
-        tensors = {name: self.reader.get(name) for name in self.reader.names()
-                   if self.source_layout.layer_of(name) == layer}
+        """All on-disk tensors of decoder layer `layer`, as names of `layout` (FP8 weights dequantized)."""
+        tensors = {name: self.get(name) for name in self.reader.names() if self.source_layout.layer_of(name) == layer}
         return tensors if self.map_layer is None else self.map_layer(layer, tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
+        """Tensor `name`; an FP8 one times its block scales, in fp32."""
+        from compressor.families.quantization import FP8_DTYPES, dequantize, scale_name
+
+        tensor = self.reader.get(name)
+        if self.source_layout.block and tensor.dtype in FP8_DTYPES:
+            return dequantize(tensor, self.reader.get(scale_name(name)), self.source_layout.block)
+        return tensor
 
 
 class LayerwiseModel:

@@ -617,20 +617,102 @@ def test_mtp_layers_are_copied_untouched(checkpoints, tmp_path, capsys):
     torch.testing.assert_close(got, masked_logits("deepseek_v3", model, keep, 1, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_a_quantized_checkpoint_is_refused_in_one_line(checkpoints, tmp_path, capsys):
+FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def fp8_copy(directory: Path, target: Path) -> Path:
+    """`directory`'s checkpoint with every decoder-layer projection block-quantized here to FP8 (e4m3, one scale per
+    128x128 block: ``weight_scale_inv``), as DeepSeek publishes V3; the router, norms and embeddings stay as they
+    are."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, weight in disk(directory).items():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            tensors[name] = weight
+            continue
+        rows, cols = weight.shape
+        scale = torch.empty(-(-rows // 128), -(-cols // 128))
+        quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                block = weight[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+                scale[i, j] = block.abs().max() / 448.0
+                quantized[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / scale[i, j]).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = quantized, scale
+    target.mkdir()
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": FP8}))
+    return target
+
+
+def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_path, capsys):
+    model, directory = checkpoints["deepseek_v3"]
+    source = fp8_copy(directory, tmp_path / "fp8")
+    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
+    # profiling layer by layer (dequantized here, block by block) counts what the whole model (transformers) routes
+    profiles = []
+    for layerwise in ([], ["--layerwise"]):
+        out = tmp_path / f"profile{len(layerwise)}.json"
+        code, _, err = run_cli(["profile", source, "-d", f"r={rows}", "-o", out, "--seq-len", "16", "--device", "cpu",
+                                *layerwise], capsys)
+        assert code == 0, err
+        profiles.append({k: v["selected"] for k, v in json.loads(out.read_text())["domains"]["r"]["layers"].items()})
+    assert profiles[0] == profiles[1]
+
+    keep, out = keep_for(model), tmp_path / "out"
+    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == FP8
+    original, output = disk(source), disk(out)
+    for layer, kept in keep.items():
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            for suffix in ("weight", "weight_scale_inv"):
+                template = f"model.layers.{layer}.mlp.experts.{{}}.{part}.{suffix}"
+                for new, old in enumerate(sorted(kept)):
+                    a, b = output[template.format(new)], original[template.format(old)]
+                    assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                assert template.format(len(kept)) not in output
+    shared = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    assert torch.equal(output[shared].view(torch.uint8), original[shared].view(torch.uint8))
+    assert torch.equal(output[shared + "_scale_inv"], original[shared + "_scale_inv"])
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("deepseek_v3", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+
+    # refused in one line, nothing written: a fitted mode (it would need re-quantized blocks), a missing scale
+    refused = tmp_path / "refused"
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
+                            "--calibration", f"r={rows}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "re-quantized FP8" in err and not refused.exists()
+    from safetensors.torch import save_file
+
+    missing = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+    save_file({n: t for n, t in original.items() if n != missing}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not refused.exists(), err
+    assert f"{missing.removesuffix('_scale_inv')} has no scale tensor {missing}" in err
+
+
+def test_an_unsupported_quantization_is_refused_in_one_line(checkpoints, tmp_path, capsys):
     import shutil
 
     model, directory = checkpoints["deepseek_v3"]
-    quantized = tmp_path / "fp8"
+    quantized = tmp_path / "gptq"
     shutil.copytree(directory, quantized)
     config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (quantized / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     code, _, err = run_cli(["export", quantized, write_plan(directory, tmp_path / "plan.json", keep_for(model), 1),
                             "-o", out, "--no-validate"], capsys)
     assert code == 2 and not out.exists(), err
-    assert len(err.strip().splitlines()) == 1 and "quantization_config 'fp8'" in err
+    assert len(err.strip().splitlines()) == 1 and "quantization_config method 'gptq' is not supported" in err
 
 
 # -- per-layer expert counts, validation, serving ---------------------------------------------------------------------

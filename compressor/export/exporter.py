@@ -142,6 +142,9 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k, ungroup=plan.ungroup)
     new_config.update(family.compensation_config(config, compensation))
+    if compensation in FITTED_COMPENSATIONS and source.layout.block:
+        raise UserError(f"--compensation {compensation} would write fitted experts as re-quantized FP8 blocks, which "
+                        "moe-compress does not do yet; use none or renorm on this FP8 checkpoint")
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)

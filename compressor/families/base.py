@@ -347,13 +347,11 @@ class FamilyAdapter:
 
     def check_config(self, config: Mapping) -> None:
         """UserError (naming the key) when config.json's values cannot describe a model of this family: wrong
-        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses; a quantized
-        checkpoint (its scale tensors would not follow the experts)."""
-        quantization = config.get("quantization_config")
-        if quantization:
-            method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
-            raise UserError(f"config.json ({self.name}) describes a quantized checkpoint (quantization_config "
-                            f"{method!r}); moe-compress reads unquantized (bf16/fp16/fp32) checkpoints only")
+        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses; a quantization
+        other than fine-grained FP8."""
+        from compressor.families.quantization import block_size
+
+        block_size(config)
         layers = config_int(config, "num_hidden_layers", minimum=1)
         config_int(config, "hidden_size", minimum=1)
         config_int(config, "vocab_size", minimum=1)

@@ -61,7 +61,10 @@ class CheckpointLayout:
     def __init__(self, family, config: Mapping, names=None):
         """`names`: the checkpoint's tensor names, to tell per-expert from fused-on-disk storage (default:
         what `save_pretrained` would write)."""
+        from compressor.families.quantization import block_size
+
         self.family, self.config = family, dict(config)
+        self.block = block_size(config)  # FP8 block scales travel with their weights
         self.model = meta_model(family, config)
         self._renamings, self._converters = _conversions(self.model)
         state = self.model.state_dict()
@@ -129,11 +132,18 @@ class CheckpointLayout:
         if templates is None:
             raise UserError(f"{self.family.name}: cannot tell the expert index in the on-disk names of {param} "
                             f"(e.g. {next(iter(reverted))})")
+        from compressor.families.quantization import scale_name
+
         tensors = []
         for template, by_expert in templates.items():
-            tensors.append(ExpertTensor(template, per_expert=True))
-            for expert, name in by_expert.items():
-                self._roles[name] = TensorRole("expert", layer, expert)
+            scaled = [scale_name(name) in names for name in by_expert.values()] if self.block else []
+            if any(scaled) and not all(scaled):
+                missing = next(name for name, s in zip(by_expert.values(), scaled) if not s)
+                raise UserError(f"FP8 checkpoint: {missing} has no scale tensor {scale_name(missing)}")
+            for name_template in [template, *([scale_name(template)] if any(scaled) else [])]:
+                tensors.append(ExpertTensor(name_template, per_expert=True))
+                for expert in by_expert:
+                    self._roles[name_template.format(expert)] = TensorRole("expert", layer, expert)
         return tensors
 
     # -- questions ------------------------------------------------------------------------------------
@@ -155,7 +165,13 @@ class CheckpointLayout:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise UserError(f"checkpoint does not match its config.json ({self.family.name}): missing "
                             f"{', '.join(missing[:3])}{more}")
-        surplus = sorted(n for n in names - self.expected if _looks_like_expert(n, self.layers))
+        if self.block:
+            from compressor.families.quantization import FP8_DTYPES, scale_name
+
+            unscaled = sorted(n for n in names if reader.info(n).dtype in FP8_DTYPES and scale_name(n) not in names)
+            if unscaled:
+                raise UserError(f"FP8 checkpoint: {unscaled[0]} has no scale tensor {scale_name(unscaled[0])}")
+        surplus = sorted(n for n in names - self.expected - self._roles.keys() if _looks_like_expert(n, self.layers))
         if surplus:
             raise UserError(f"checkpoint holds {surplus[0]}, which its config.json ({self.family.name}) has no "
                             "expert for")

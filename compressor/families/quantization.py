@@ -1,0 +1,48 @@
+"""Quantized checkpoints on disk: fine-grained FP8 (``quantization_config.quant_method: fp8`` with
+``weight_block_size``: DeepSeek-V3/R1, MiniMax-M2 and many Qwen3/GLM FP8 releases). Each FP8 weight ``X.weight`` comes
+with ``X.weight_scale_inv`` [ceil(rows / block), ceil(cols / block)]: the weight is ``fp8 * scale`` block by block.
+
+Export keeps or drops each expert's weight together with its scales (raw bytes) and leaves ``quantization_config``
+as it is; layer-by-layer stages dequantize on the fly (`dequantize`). Any other method is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from compressor.errors import UserError
+
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def block_size(config: Mapping) -> tuple[int, int] | None:
+    """The FP8 block size of a checkpoint's config.json, None when unquantized; UserError for what is not
+    fine-grained FP8."""
+    quantization = config.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
+    if method != "fp8":
+        raise UserError(f"config.json: quantization_config method {method!r} is not supported; moe-compress reads "
+                        "unquantized checkpoints and fine-grained FP8 ones (quant_method fp8 with weight_block_size)")
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise UserError(f"config.json: quantization_config (fp8) needs weight_block_size [rows, cols] of block "
+                        f"scales, not {block!r} (per-tensor FP8 is not supported)")
+    return int(block[0]), int(block[1])
+
+
+def scale_name(name: str) -> str:
+    return name + SCALE_SUFFIX
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """An FP8 weight [rows, cols] times its block scales, in fp32."""
+    rows, cols = weight.shape[-2:]
+    expanded = scale.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    expanded = expanded.repeat_interleave(block[1], dim=-1)[..., :cols]
+    return weight.float() * expanded
