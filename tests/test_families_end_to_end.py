@@ -684,11 +684,24 @@ def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_
         got = pruned(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, masked_logits("deepseek_v3", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
 
-    # refused in one line, nothing written: a fitted mode (it would need re-quantized blocks), a missing scale
+    # fitted modes write their experts re-quantized (new block scales) and say the error that adds
+    sequences = [json.loads(line)["input_ids"] for line in rows.read_text().splitlines()]
+    errors = {"none": _last_moe_layer_error(dequantized, out, sequences)}
+    for mode in ("scale", "refit"):
+        fitted = tmp_path / mode
+        code, _, err = run_cli(["export", source, plan, "-o", fitted, "--no-validate", "--compensation", mode,
+                                "--calibration", f"r={rows}", "--seq-len", "16", "--device", "cpu"], capsys)
+        assert code == 0, err
+        report = json.loads((fitted / "moe_compress_provenance.json").read_text())["fit"]["fp8_requantization"]
+        assert report["tensors"] == 2 * 4 * 3 and 0 < report["max_relative_error"] < 0.1  # kept experts' weights
+        down = "model.layers.2.mlp.experts.0.down_proj.weight"
+        assert disk(fitted)[down].dtype == torch.float8_e4m3fn
+        assert not torch.equal(disk(fitted)[down + "_scale_inv"], output[down + "_scale_inv"])
+        errors[mode] = _last_moe_layer_error(dequantized, fitted, sequences)
+    assert errors["scale"] < 0.95 * errors["none"] and errors["refit"] < 0.95 * errors["none"], errors
+
+    # refused in one line, nothing written: an FP8 weight without its scale
     refused = tmp_path / "refused"
-    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
-                            "--calibration", f"r={rows}"], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "re-quantized FP8" in err and not refused.exists()
     from safetensors.torch import save_file
 
     missing = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"

@@ -3,7 +3,8 @@
 with ``X.weight_scale_inv`` [ceil(rows / block), ceil(cols / block)]: the weight is ``fp8 * scale`` block by block.
 
 Export keeps or drops each expert's weight together with its scales (raw bytes) and leaves ``quantization_config``
-as it is; layer-by-layer stages dequantize on the fly (`dequantize`). Any other method is refused.
+as it is; layer-by-layer stages dequantize on the fly (`dequantize`); fitted weights are written re-quantized
+(`quantize`). Any other method is refused.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def block_size(config: Mapping) -> tuple[int, int] | None:
 
 def scale_name(name: str) -> str:
     return name + SCALE_SUFFIX
+
+
+def quantize(weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, fp32 block scales) of a weight [rows, cols]: each block scaled so its largest value is the FP8
+    type's largest."""
+    rows, cols = weight.shape[-2:]
+    padded = torch.zeros(-(-rows // block[0]) * block[0], -(-cols // block[1]) * block[1])
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
+    scale = blocks.abs().amax(dim=(1, 3)) / torch.finfo(dtype).max
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = (blocks / scale[:, None, :, None]).view_as(padded)[:rows, :cols].to(dtype)
+    return quantized, scale
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
