@@ -155,6 +155,12 @@ class CheckpointTensors:
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
         """All on-disk tensors of decoder layer `layer`, as names of `layout` (FP8 weights dequantized)."""
         tensors = {name: self.get(name) for name in self.reader.names() if self.source_layout.layer_of(name) == layer}
+        if self.source_layout.mxfp4:
+            from compressor.families.quantization import dequantize_mxfp4
+
+            for blocks in [name for name in tensors if name.endswith("_blocks")]:
+                param = blocks.removesuffix("_blocks")
+                tensors[param] = dequantize_mxfp4(tensors.pop(blocks), tensors.pop(param + "_scales"))
         return tensors if self.map_layer is None else self.map_layer(layer, tensors)
 
     def get(self, name: str) -> torch.Tensor:

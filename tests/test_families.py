@@ -543,8 +543,8 @@ def test_gpt_oss_router_and_its_experts_fused_on_disk():
         family.compensation_config(GPT_OSS_20B, "renorm")
 
 
-def test_quantizations_other_than_fine_grained_fp8_are_refused_in_one_line():
-    for config, method in ((GPT_OSS_20B, "mxfp4"), (V3, "gptq"), (MINIMAX_M2, "awq")):
+def test_quantizations_other_than_fine_grained_fp8_and_mxfp4_are_refused_in_one_line():
+    for config, method in ((GPT_OSS_20B, "bitsandbytes"), (V3, "gptq"), (MINIMAX_M2, "awq")):
         quantized = {**config, "quantization_config": {"quant_method": method}}
         with pytest.raises(UserError, match=rf"quantization_config method '{method}' is not supported"):
             detect_family(quantized).check_config(quantized)
@@ -553,6 +553,7 @@ def test_quantizations_other_than_fine_grained_fp8_are_refused_in_one_line():
         detect_family(per_tensor).check_config(per_tensor)
     fine_grained = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
     detect_family(V3).check_config({**V3, "quantization_config": fine_grained})
+    detect_family(GPT_OSS_20B).check_config({**GPT_OSS_20B, "quantization_config": {"quant_method": "mxfp4"}})
 
 
 # Shaped like Qwen/Qwen3-Next-80B-A3B-Instruct's config.json.

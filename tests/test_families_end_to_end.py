@@ -712,6 +712,81 @@ def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_
     assert f"{missing.removesuffix('_scale_inv')} has no scale tensor {missing}" in err
 
 
+def mxfp4_checkpoint(target: Path):
+    """A tiny gpt-oss (expert widths a multiple of 32) whose fused experts are quantized here to MXFP4 as OpenAI
+    publishes them: ``P_blocks`` [E, out, in / 32, 16] (FP4 e2m1 pairs, low nibble first), ``P_scales`` [E, out,
+    in / 32] (E8M0 exponents, bias 127, each group's largest value within 6 x 2^e); returns (model, directory)."""
+    from safetensors.torch import save_file
+
+    config_class, model_class, extra, _ = FAMILIES["gpt_oss"]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**COMMON, **extra, "intermediate_size": 32})).eval()
+    _decisive(model, torch.Generator().manual_seed(1))
+    model.save_pretrained(target)
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    tensors = {}
+    for name, value in disk(target).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = value
+            continue
+        groups = value.transpose(1, 2).float().reshape(*value.shape[0:1], value.shape[2], -1, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+        index = (groups / torch.exp2(exponent)[..., None])[..., None].sub(fp4).abs().argmin(-1)
+        tensors[name + "_blocks"] = (index[..., 0::2] | (index[..., 1::2] << 4)).to(torch.uint8)
+        tensors[name + "_scales"] = (exponent + 127).to(torch.uint8)
+    for shard in target.glob("*.safetensors"):
+        shard.unlink()
+    (target / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config))
+    return model, target
+
+
+def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path, capsys):
+    model, source = mxfp4_checkpoint(tmp_path / "mxfp4")
+    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
+    profiles = []
+    for layerwise in ([], ["--layerwise"]):
+        out = tmp_path / f"profile{len(layerwise)}.json"
+        code, _, err = run_cli(["profile", source, "-d", f"r={rows}", "-o", out, "--seq-len", "16", "--device", "cpu",
+                                *layerwise], capsys)
+        assert code == 0, err
+        profiles.append({k: v["selected"] for k, v in json.loads(out.read_text())["domains"]["r"]["layers"].items()})
+    assert profiles[0] == profiles[1]
+
+    keep, out = keep_for(model), tmp_path / "out"
+    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    original, output = disk(source), disk(out)
+    for layer, kept in keep.items():
+        for part in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales",
+                     "gate_up_proj_bias", "down_proj_bias"):
+            name = f"model.layers.{layer}.mlp.experts.{part}"
+            assert torch.equal(output[name], original[name][sorted(kept)])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+
+    refused = tmp_path / "refused"
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
+                            "--calibration", f"r={rows}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "re-quantized MXFP4" in err and not refused.exists()
+    from safetensors.torch import save_file
+
+    scales = "model.layers.1.mlp.experts.down_proj_scales"
+    save_file({n: t for n, t in original.items() if n != scales}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and scales in err and not refused.exists(), err
+
+
 def test_an_unsupported_quantization_is_refused_in_one_line(checkpoints, tmp_path, capsys):
     import shutil
 

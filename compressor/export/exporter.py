@@ -159,6 +159,9 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k, ungroup=plan.ungroup)
     new_config.update(family.compensation_config(config, compensation))
+    if compensation in FITTED_COMPENSATIONS and source.layout.mxfp4:
+        raise UserError(f"--compensation {compensation} would have to write fitted experts as re-quantized MXFP4 "
+                        "blocks, which moe-compress does not do; use none on this MXFP4 checkpoint")
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)

@@ -61,10 +61,11 @@ class CheckpointLayout:
     def __init__(self, family, config: Mapping, names=None):
         """`names`: the checkpoint's tensor names, to tell per-expert from fused-on-disk storage (default:
         what `save_pretrained` would write)."""
-        from compressor.families.quantization import block_size
+        from compressor.families.quantization import block_size, method
 
         self.family, self.config = family, dict(config)
         self.block = block_size(config)  # FP8 block scales travel with their weights
+        self.mxfp4 = method(config) == "mxfp4"  # fused experts stored as _blocks / _scales
         self.model = meta_model(family, config)
         self._renamings, self._converters = _conversions(self.model)
         state = self.model.state_dict()
@@ -118,6 +119,8 @@ class CheckpointLayout:
 
     def _expert_tensors(self, param: str, meta: torch.Tensor, count: int, layer: int, names: set[str]):
         reverted = self._revert({param: meta})
+        if self.mxfp4 and f"{param}_blocks" in names:
+            return self._mxfp4_tensors(param, meta, reverted, layer)
         if param in names or set(reverted) == {param}:  # fused on disk: the expert axis comes first
             for name in reverted:
                 if name != param:
@@ -144,6 +147,26 @@ class CheckpointLayout:
                 tensors.append(ExpertTensor(name_template, per_expert=True))
                 for expert in by_expert:
                     self._roles[name_template.format(expert)] = TensorRole("expert", layer, expert)
+        return tensors
+
+    def _mxfp4_tensors(self, param: str, meta: torch.Tensor, reverted, layer: int) -> list[ExpertTensor]:
+        """A fused experts parameter [E, in, out] stored as MXFP4 ``_blocks`` [E, out, in / 32, 16] and ``_scales``
+        [E, out, in / 32]."""
+        from compressor.families.quantization import MXFP4_PARTS
+
+        experts, inputs, outputs = meta.shape
+        for name in reverted:
+            self.expected.discard(name)
+            self.shapes.pop(name, None)
+        shapes = dict(zip(MXFP4_PARTS, ((experts, outputs, inputs // 32, 16), (experts, outputs, inputs // 32))))
+        tensors = []
+        for suffix, shape in shapes.items():
+            name = param + suffix
+            self.expected.add(name)
+            self.shapes[name] = shape
+            self._layer_of[name] = layer
+            self._roles[name] = TensorRole("expert", layer, None)
+            tensors.append(ExpertTensor(name, per_expert=False, axis=0))
         return tensors
 
     # -- questions ------------------------------------------------------------------------------------
