@@ -683,6 +683,15 @@ def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_
     with torch.no_grad():
         got = pruned(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, masked_logits("deepseek_v3", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+    reports = []  # validation layer by layer (dequantized here) = whole (transformers)
+    for layerwise in ([], ["--layerwise"]):
+        path = tmp_path / f"v{len(layerwise)}.json"
+        code, _, err = run_cli(["validate", source, out, "-d", f"r={rows}", "-o", path, "--seq-len", "16",
+                                "--device", "cpu", *layerwise], capsys)
+        assert code == 0, err
+        reports.append(json.loads(path.read_text())["domains"]["r"])
+    for key in ("perplexity_original", "perplexity_compressed", "kl_mean"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5)
 
     # fitted modes write their experts re-quantized (new block scales) and say the error that adds
     sequences = [json.loads(line)["input_ids"] for line in rows.read_text().splitlines()]
