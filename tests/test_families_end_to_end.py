@@ -782,6 +782,15 @@ def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path
     with torch.no_grad():
         got = pruned(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+    ragged, out = {0: [0, 1, 2], 1: [0, 1, 2, 3], 2: [1, 2, 3, 4, 5]}, tmp_path / "ragged"  # per-layer counts
+    code, _, err = run_cli(["export", source, write_plan(source, tmp_path / "ragged.json", ragged, 1), "-o", out,
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    per_layer = detect_family(config).model_class(config).from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = per_layer(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, ragged, 1, ids), rtol=1e-5, atol=1e-5)
 
     refused = tmp_path / "refused"
     code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
