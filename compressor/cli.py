@@ -42,8 +42,11 @@ def inspect(model, revision):
     click.echo(f"family:      {family.name} (model_type {config.get('model_type')})")
     click.echo(f"layers:      {family.num_layers(config)}, MoE layers {format_ranges(moe_layers)} ({len(moe_layers)})")
     click.echo(f"experts:     {'/'.join(map(str, counts))} routed per MoE layer, {shared}; stored {stored} on disk")
-    click.echo(f"routing:     {router.scoring}, top-{router.top_k}, {router.topk_method}, "
-               f"renormalise {'yes' if router.renormalize else 'no'}")
+    groups = f" in the best {router.topk_group} of {router.n_group} expert groups" if router.grouped else ""
+    extras = [f"x{router.routed_scaling_factor:g}"] if router.routed_scaling_factor != 1 else []
+    extras += ["selection bias"] if router.correction_bias else []
+    click.echo(f"routing:     {router.scoring}, top-{router.top_k}{groups}, {router.topk_method}, "
+               f"renormalise {'yes' if router.renormalize else 'no'}{''.join(', ' + e for e in extras)}")
     click.echo(f"tensors:     {len(reader.names())} in {len(reader.shards())} shard(s), "
                f"{reader.total_bytes / 2**30:.2f} GiB")
     checkpoint.close()

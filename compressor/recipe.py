@@ -54,6 +54,8 @@ class PlanStage(_Section):
     domains: dict[str, float] | None = Field(None, description="targeted domains and their weights")
     protect: dict[int, list[int]] = Field(default_factory=dict)
     top_k: PositiveInt = 1
+    ungroup: bool = False
+    keep_groups: PositiveInt | None = None
 
 
 class ExportStage(_Section):
@@ -186,7 +188,8 @@ def _plan_options(recipe: Recipe):
     return PlanOptions(strategy=p.strategy, keep=p.keep, keep_fraction=p.keep_fraction, coverage=p.coverage,
                        min_keep=p.min_keep, max_keep=p.max_keep, criterion=p.criterion, domains=p.domains,
                        protect={layer: set(experts) for layer, experts in p.protect.items()}, top_k=p.top_k,
-                       compensation=recipe.export.compensation)
+                       compensation=recipe.export.compensation, ungroup=p.ungroup,
+                       keep_groups=p.keep_groups)
 
 
 def _export_options(recipe: Recipe):

@@ -153,13 +153,24 @@ class CheckpointTensors:
         self.source_layout = source_layout or layout
 
     def layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """All on-disk tensors of decoder layer `layer`, as names of `layout`."""
-        tensors = {name: self.reader.get(name) for name in self.reader.names()
-                   if self.source_layout.layer_of(name) == layer}
+        """All on-disk tensors of decoder layer `layer`, as names of `layout` (FP8 weights dequantized)."""
+        tensors = {name: self.get(name) for name in self.reader.names() if self.source_layout.layer_of(name) == layer}
+        if self.source_layout.mxfp4:
+            from compressor.families.quantization import dequantize_mxfp4
+
+            for blocks in [name for name in tensors if name.endswith("_blocks")]:
+                param = blocks.removesuffix("_blocks")
+                tensors[param] = dequantize_mxfp4(tensors.pop(blocks), tensors.pop(param + "_scales"))
         return tensors if self.map_layer is None else self.map_layer(layer, tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.reader.get(name)
+        """Tensor `name`; an FP8 one times its block scales, in fp32."""
+        from compressor.families.quantization import FP8_DTYPES, dequantize, scale_name
+
+        tensor = self.reader.get(name)
+        if self.source_layout.block and tensor.dtype in FP8_DTYPES:
+            return dequantize(tensor, self.reader.get(scale_name(name)), self.source_layout.block)
+        return tensor
 
 
 class LayerwiseModel:
@@ -239,17 +250,22 @@ def _mask_cache_arg() -> str:
 
 def run_decoder_layer(model, decoder_layer, hidden_states: torch.Tensor, attention_mask, rotary) -> torch.Tensor:
     """Run one decoder layer on `hidden_states` [batch, seq, hidden] with a [batch, seq] padding mask (or None),
-    as the whole model's forward would (causal or sliding-window mask, rotary embedding, no cache)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    as the whole model's forward would (causal, sliding-window or a linear-attention layer's padding mask, rotary
+    embedding, no cache)."""
+    from transformers.masking_utils import (
+        create_causal_mask, create_recurrent_attention_mask, create_sliding_window_causal_mask,
+    )
 
     config = model.config
     batch, seq_len, _ = hidden_states.shape
     positions = torch.arange(seq_len, device=hidden_states.device)[None].expand(batch, seq_len)
     layer_types = getattr(config, "layer_types", None)
-    index = getattr(getattr(decoder_layer, "self_attn", None), "layer_idx", None)
-    sliding = (layer_types[index] == "sliding_attention") if layer_types and index is not None \
-        else getattr(config, "sliding_window", None) is not None and not layer_types
-    create = create_sliding_window_causal_mask if sliding else create_causal_mask
+    index = next((m.layer_idx for m in decoder_layer.modules() if isinstance(getattr(m, "layer_idx", None), int)),
+                 None)
+    kind = layer_types[index] if layer_types and index is not None else (
+        "sliding_attention" if getattr(config, "sliding_window", None) is not None and not layer_types else None)
+    create = {"sliding_attention": create_sliding_window_causal_mask,
+              "linear_attention": create_recurrent_attention_mask}.get(kind, create_causal_mask)
     mask = create(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask, position_ids=positions,
                   **{_mask_cache_arg(): None})
     output = decoder_layer(hidden_states, attention_mask=mask, position_ids=positions,

@@ -964,9 +964,9 @@ def v2_source(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("keep, top_k, compensation, message", [
-    ({1: [1, 2, 5, 6], 2: [0, 3, 4]}, 1, "none", "divisible by n_group"),
+    ({1: [1, 2, 5, 6], 2: [0, 3, 4]}, 1, "none", "every layer must keep the same number of groups"),
     ({1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, 1, "renorm", "cannot be expressed for DeepSeek-V2"),
-    ({1: [0, 1, 2, 3], 2: [0, 3, 4, 7]}, 1, "none", "every group must keep the same number"),
+    ({1: [0, 1, 2, 4], 2: [0, 3, 4, 7]}, 1, "none", "every group keeps the same number"),
 ], ids=["groups-of-unequal-size", "renorm", "unbalanced-groups"])
 def test_deepseek_v2_plans_it_cannot_express_are_refused(v2_source, tmp_path, capsys, keep, top_k, compensation,
                                                          message):

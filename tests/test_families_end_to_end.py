@@ -4,13 +4,17 @@ standard one.
 
 Independent expectations: routing is recomputed here from the router weights read from disk with each family's rule
 written out in this file; the pruned output loaded in plain transformers is compared with the original model whose
-router is masked here (dropped experts' logits at -inf); kept tensors are compared byte for byte with the original's.
+router is masked here (dropped experts' logits at -inf, their selection-only biases excluded); kept tensors are
+compared byte for byte with the original's. DeepSeek-V3 runs twice: with group-limited routing (2 groups of 4, one
+open per token) and without groups.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import (
-    AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
-    OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+    Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM, GptOssConfig, GptOssForCausalLM,
+    MiniMaxM2Config, MiniMaxM2ForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
+    Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM,
 )
 
 from compressor.families import detect_family, open_checkpoint
@@ -33,7 +39,12 @@ HIDDEN, EXPERTS, TOP_K, VOCAB = 32, 8, 2, 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=TOP_K, max_position_embeddings=64, bos_token_id=0,
               eos_token_id=1, pad_token_id=None, tie_word_embeddings=False)
-# family: (config class, model class, extra config, router rule: fp32 logits, renormalise, scaling)
+_V3 = dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+           kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+           routed_scaling_factor=2.5, num_key_value_heads=4, scoring_func="sigmoid", topk_method="noaux_tc")
+# name (the family, or family:variant): (config class, model class, extra config, router rule: fp32 logits,
+# renormalise, scaling[, (scoring, n_group, topk_group): a selection bias, groups scored by their best two; scoring
+# "topk_softmax": gpt-oss's logit bias, top-k on the logits, softmax over the chosen])
 FAMILIES = {
     "deepseek_moe": (DeepseekConfig, DeepseekForCausalLM,
                      dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1,
@@ -43,6 +54,14 @@ FAMILIES = {
                          first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
                          qk_rope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.5, num_key_value_heads=4),
                     (True, False, 1.5)),
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM, dict(_V3, n_group=2, topk_group=1, norm_topk_prob=False),
+                    (True, False, 2.5, ("sigmoid", 2, 1))),
+    "deepseek_v3:ungrouped": (DeepseekV3Config, DeepseekV3ForCausalLM,
+                              dict(_V3, n_group=1, topk_group=1, norm_topk_prob=True), (True, True, 2.5, ("sigmoid", 1, 1))),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM,
+                 dict(n_routed_experts=EXPERTS, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                      n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5, head_dim=8,
+                      partial_rotary_factor=0.5, use_qk_norm=True), (True, True, 1.5, ("sigmoid", 1, 1))),
     "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM,
                   dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=False), (False, False, 1.0)),
@@ -51,17 +70,39 @@ FAMILIES = {
                        decoder_sparse_step=1, mlp_only_layers=[]), (False, True, 1.0)),
     "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=EXPERTS), (False, True, 1.0)),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=EXPERTS, norm_topk_prob=False), (False, False, 1.0)),
+    "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8,
+                                                               scoring_func="sigmoid", use_routing_bias=True),
+                   (False, True, 1.0, ("sigmoid", 1, 1))),
+    "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM,
+                     dict(moe_num_experts=EXPERTS, moe_intermediate_size=16, moe_num_shared_experts=1,
+                          moe_layer_start_index=1, moe_layer_interval=1), (True, True, 1.0, ("softmax", 1, 1))),
+    "qwen3_next": (Qwen3NextConfig, Qwen3NextForCausalLM,
+                   dict(num_experts=EXPERTS, moe_intermediate_size=16, shared_expert_intermediate_size=24, head_dim=8,
+                        decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                        linear_conv_kernel_dim=2), (False, True, 1.0)),
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM, dict(num_local_experts=EXPERTS, head_dim=8, intermediate_size=16),
+                (False, False, 1.0, ("topk_softmax", 1, 1))),
 }
 NAMES = list(FAMILIES)
 
 
+def family_name(name: str) -> str:
+    return name.split(":")[0]
+
+
 def _decisive(model, generator):
-    """Large router rows (decisive routing) and experts whose output matters next to the residual stream."""
+    """Large router rows (decisive routing) and experts whose output matters next to the residual stream; selection
+    biases that change some choices."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".mlp." in name or ".block_sparse_moe." in name:
                 std = 0.5 if name.endswith(("gate.weight", "router.weight")) and "proj" not in name else 0.2
                 parameter.copy_(std * torch.randn(parameter.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +140,77 @@ def _block(layer):
     return getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
 
 
-def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: int, dropped=None):
+def reference_routing(name: str, weight: torch.Tensor, x: torch.Tensor, top_k: int, dropped=None, bias=None,
+                      groups=None):
     """(weights, indices) by the family's rule, written here: softmax of the logits (fp32 logits for the DeepSeek
-    families), top-k, renormalised (Mixtral, Qwen3 with norm_topk_prob), times the V2 scaling factor."""
-    fp32, renorm, scale = FAMILIES[name][3]
+    families), top-k, renormalised (Mixtral, Qwen3 with norm_topk_prob), times the V2 scaling factor. With a
+    selection bias (DeepSeek-V3, GLM, MiniMax-M2: sigmoid scores; ERNIE: softmax): experts chosen by score + `bias`
+    within the `topk_group` of `n_group` groups (`groups` overrides the rule's) whose two best biased scores sum
+    highest; dropped experts can never be chosen."""
+    fp32, renorm, scale, *grouping = FAMILIES[name][3]
     logits = x.float() @ weight.float().T if fp32 else (x @ weight.T).float()
     if dropped is not None:
         logits = logits.masked_fill(dropped, float("-inf"))
-    top, index = logits.softmax(-1).topk(top_k, dim=-1)
+    if not grouping:
+        top, index = logits.softmax(-1).topk(top_k, dim=-1)
+    else:
+        scoring, n_group, topk_group = grouping[0]
+        n_group, topk_group = groups or (n_group, topk_group)
+        if scoring == "topk_softmax":
+            logits = x @ weight.T + bias
+            if dropped is not None:
+                logits = logits.masked_fill(dropped, float("-inf"))
+            top, index = logits.float().topk(top_k, dim=-1)
+            return top.softmax(-1), index
+        scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+        choice = scores + bias.float()
+        if dropped is not None:
+            choice = choice.masked_fill(dropped, float("-inf"))
+        per = choice.shape[-1] // n_group
+        best_groups = choice.view(-1, n_group, per).topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+        open_ = torch.zeros(choice.shape[0], n_group, dtype=torch.bool).scatter(1, best_groups, True)
+        index = choice.masked_fill(~open_.repeat_interleave(per, dim=1), float("-inf")).topk(top_k, dim=-1).indices
+        top, order = scores.gather(-1, index).sort(dim=-1, descending=True)
+        index = index.gather(-1, order)
     if renorm:
         top = top / top.sum(-1, keepdim=True)
     return top * scale, index
+
+
+def _bias(tensors: dict, router_name: str):
+    """The router's bias: the selection-only one of the router (DeepSeek-V3, GLM), of the MoE block (MiniMax-M2) or
+    of its statistics module (ERNIE); gpt-oss's logit bias."""
+    block = router_name.removesuffix("gate.weight").removesuffix("router.weight")
+    found = [t for n, t in tensors.items() if n.startswith(block) and n.endswith("e_score_correction_bias")]
+    assert len(found) <= 1
+    return found[0] if found else tensors.get(router_name.removesuffix("weight") + "bias")
+
+
+def _router(block):
+    return getattr(block, "gate", None) or block.router
+
+
+def _block_forward(block, x):
+    """The MoE block's own output for tokens `x` [T, H] (gpt-oss's block also returns its router scores)."""
+    out = block(x[None])
+    return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def expert_reference(name, config, w, h):
+    """One routed expert's output for token `h` from its weight views, written here: SwiGLU, or gpt-oss's clamped
+    variant with biases."""
+    if name != "gpt_oss":
+        return (F.silu(w.gate @ h) * (w.up @ h)) @ w.down.T
+    limit, alpha = config["swiglu_limit"], config["swiglu_alpha"]
+    gate = (w.gate @ h + w.gate_bias).clamp(max=limit)
+    up = (w.up @ h + w.up_bias).clamp(-limit, limit)
+    return w.down @ ((up + 1) * gate * torch.sigmoid(gate * alpha)) + w.down_bias
+
+
+def _native_router(block, x):
+    """The family's own router on `x` (MiniMax-M2's takes its block's selection bias as an argument)."""
+    own = dict(block.module.named_buffers(recurse=False)).get("e_score_correction_bias")
+    return block.router(x) if own is None else block.router(x, own)
 
 
 # -- the MoE-block interface against the families' own modules -------------------------------------------------
@@ -120,27 +221,31 @@ def test_route_matches_the_family_router_and_the_rule_written_here(checkpoints, 
     model, directory = checkpoints[name]
     config = json.loads((directory / "config.json").read_text())
     family = detect_family(config)
-    assert family.name == name and family.moe_layers(config) == moe_layers(model)
+    assert family.name == family_name(name) and family.moe_layers(config) == moe_layers(model)
     x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(3))
     for layer in moe_layers(model):
         block = MoEBlock(family, config, layer, model.model.layers[layer])
         routing = block.route(x)
-        _, native_weights, native_index = block.router(x)
+        _, native_weights, native_index = _native_router(block, x)
         order = native_weights.float().sort(dim=-1, descending=True).indices
         assert torch.equal(routing.indices, native_index.gather(-1, order))
         torch.testing.assert_close(routing.weights, native_weights.float().gather(-1, order))
-        weights, index = reference_routing(name, disk(directory)[_router_name(directory, layer)], x, TOP_K)
+        tensors, router = disk(directory), _router_name(directory, layer)
+        weights, index = reference_routing(name, tensors[router], x, TOP_K, bias=_bias(tensors, router))
         assert torch.equal(routing.indices, index)
         torch.testing.assert_close(routing.weights, weights)
         removed = torch.zeros(EXPERTS, dtype=torch.bool)
         removed[[1, 4, 6]] = True
         masked = block.route(x, removed=removed, top_k=1)
         assert not torch.isin(masked.indices, torch.tensor([1, 4, 6])).any() and masked.indices.shape == (40, 1)
+        assert torch.equal(masked.indices, reference_routing(name, tensors[router], x, 1, removed,
+                                                             _bias(tensors, router))[1])
 
 
 def _router_name(directory: Path, layer: int) -> str:
     names = [n for n in disk(directory) if n.endswith((f"layers.{layer}.mlp.gate.weight",
-                                                     f"layers.{layer}.block_sparse_moe.gate.weight"))]
+                                                     f"layers.{layer}.block_sparse_moe.gate.weight",
+                                                     f"layers.{layer}.mlp.router.weight"))]
     assert len(names) == 1, names
     return names[0]
 
@@ -155,11 +260,11 @@ def test_block_outputs_and_weight_views(checkpoints, name):
         decoder_layer = model.model.layers[layer]
         block = MoEBlock(family, config, layer, decoder_layer)
         with torch.no_grad():
-            native = _block(decoder_layer)(x[None])[0]
+            native = _block_forward(_block(decoder_layer), x)
             torch.testing.assert_close(block.forward(x), native, rtol=1e-5, atol=1e-6)
             seen = []
             detach = block.observe(lambda **kw: seen.append(kw))
-            observed = _block(decoder_layer)(x[None])[0]
+            observed = _block_forward(_block(decoder_layer), x)
             detach()
             torch.testing.assert_close(observed, native, rtol=1e-5, atol=1e-6)
             assert len(seen) == 1 and seen[0]["expert_outputs"].shape == (24, TOP_K, HIDDEN)
@@ -167,9 +272,7 @@ def test_block_outputs_and_weight_views(checkpoints, name):
             for slot in range(TOP_K):
                 for token in (0, 7, 23):
                     expert = int(routing.indices[token, slot])
-                    w = block.expert_weights(expert)
-                    h = x[token]
-                    expected = (F.silu(w.gate @ h) * (w.up @ h)) @ w.down.T
+                    expected = expert_reference(name, config, block.expert_weights(expert), x[token])
                     torch.testing.assert_close(seen[0]["expert_outputs"][token, slot], expected, rtol=1e-5, atol=1e-6)
             # the views write through into the fused tensors
             w = block.expert_weights(3)
@@ -178,6 +281,20 @@ def test_block_outputs_and_weight_views(checkpoints, name):
             changed = (block.experts.down_proj != before).nonzero()[:, 0].unique().tolist()
             w.down.div_(2)
             assert changed == [3] and torch.equal(block.experts.down_proj, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_block_forward_equals_the_family_block_bit_for_bit_in_bf16(checkpoints, name):
+    """Routing in the family's dtypes: logits, scores and the weights handed to the experts (fp32 or bf16)."""
+    model, directory = checkpoints[name]
+    config = json.loads((directory / "config.json").read_text())
+    family = detect_family(config)
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    for layer in moe_layers(model):
+        decoder_layer = copy.deepcopy(model.model.layers[layer]).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(MoEBlock(family, config, layer, decoder_layer).forward(x),
+                               _block_forward(_block(decoder_layer), x))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -219,7 +336,8 @@ def test_profiled_counts_equal_routing_computed_here(checkpoints, rows, name, tm
     tensors = disk(directory)
     expected = {}
     for layer, parts in inputs.items():
-        _, index = reference_routing(name, tensors[_router_name(directory, layer)], torch.cat(parts), TOP_K)
+        router = _router_name(directory, layer)
+        _, index = reference_routing(name, tensors[router], torch.cat(parts), TOP_K, bias=_bias(tensors, router))
         expected[str(layer)] = torch.bincount(index.reshape(-1), minlength=EXPERTS).tolist()
     for layerwise in ([], ["--layerwise"]):
         out = tmp_path / f"profile{len(layerwise)}.json"
@@ -227,14 +345,15 @@ def test_profiled_counts_equal_routing_computed_here(checkpoints, rows, name, tm
                                 "--device", "cpu", *layerwise], capsys)
         assert code == 0, err
         profile = json.loads(out.read_text())
-        assert profile["model"]["family"] == name
+        assert profile["model"]["family"] == family_name(name)
         assert {layer: stats["selected"] for layer, stats in profile["domains"]["r"]["layers"].items()} == expected
 
 
 # -- export, and the pruned output in plain transformers ----------------------------------------------------------
 
 
-def write_plan(directory: Path, path: Path, keep: dict[int, list[int]], top_k: int, compensation="none") -> Path:
+def write_plan(directory: Path, path: Path, keep: dict[int, list[int]], top_k: int, compensation="none",
+               **extra) -> Path:
     from compressor.profiling.schema import config_hash
 
     config = json.loads((directory / "config.json").read_text())
@@ -244,22 +363,28 @@ def write_plan(directory: Path, path: Path, keep: dict[int, list[int]], top_k: i
              "experts_per_layer": {str(layer): family.num_experts(config, layer) for layer in layers},
              "top_k": family.top_k(config)}
     path.write_text(json.dumps({"format_version": 1, "model": model, "top_k": top_k, "compensation": compensation,
-                                "layers": {str(layer): {"keep": keep[layer]} for layer in layers}}))
+                                "layers": {str(layer): {"keep": keep[layer]} for layer in layers}, **extra}))
     return path
 
 
-def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids) -> torch.Tensor:
-    """The original's logits with each MoE router masked here: dropped experts' logits at -inf, top-`top_k`."""
+def masked_logits(name: str, model, keep: dict[int, list[int]], top_k: int, ids, groups=None, renorm=None):
+    """The original's logits with each MoE router masked here: dropped experts' logits at -inf (and their selection
+    biases excluded), top-`top_k`; `groups` (n_group, topk_group) and `renorm` override the rule's."""
     saved = {}
     for layer, kept in keep.items():
-        router = _block(model.model.layers[layer]).gate
+        block = _block(model.model.layers[layer])
+        router = _router(block)
         dropped = torch.ones(EXPERTS, dtype=torch.bool)
         dropped[kept] = False
         weight = router.weight.detach()
+        bias = _bias({n: t.detach() for n, t in [*block.named_parameters(), *block.named_buffers()]},
+                     "gate.weight" if router is getattr(block, "gate", None) else "router.weight")
 
-        def forward(hidden, weight=weight, dropped=dropped):
+        def forward(hidden, *_, weight=weight, dropped=dropped, bias=bias):
             x = hidden.reshape(-1, HIDDEN)
-            weights, index = reference_routing(name, weight, x, top_k, dropped)
+            weights, index = reference_routing(name, weight, x, top_k, dropped, bias, groups)
+            if renorm:
+                weights = weights / weights.sum(-1, keepdim=True) * FAMILIES[name][3][2]
             return None, weights.to(x.dtype if not FAMILIES[name][3][0] else torch.float32), index
 
         saved[layer] = router
@@ -291,6 +416,7 @@ def test_pruned_output_in_transformers_equals_the_masked_original(checkpoints, n
     family = detect_family(config)
     assert [family.num_experts(config, layer) for layer in moe_layers(model)] == [4] * len(keep)
     assert family.top_k(config) == 1 and ("auto_map" in config) == (name == "deepseek_moe")
+    assert family.expert_groups(config) == family.expert_groups(json.loads((directory / "config.json").read_text()))
     pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(pruned) is type(model)  # the family's own class (ours for DeepSeekMoE, registered, no remote code)
     ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -306,12 +432,15 @@ def test_pruned_output_in_transformers_equals_the_masked_original(checkpoints, n
     layout = open_checkpoint(directory).layout
     for layer, kept in keep.items():
         kept = sorted(kept)  # a plan's experts are renumbered in ascending order of their original ids
-        for template in (t.template for t in layout.layers[layer].experts):
+        for tensor in layout.layers[layer].experts:
+            if not tensor.per_expert:  # fused on disk (gpt-oss): sliced along the expert axis
+                assert torch.equal(output[tensor.name()], source[tensor.name()][kept])
+                continue
             for new, old in enumerate(kept):
-                assert torch.equal(output[template.format(new)], source[template.format(old)])
-            assert template.format(4) not in output
-        for router in layout.layers[layer].router:
-            assert torch.equal(output[router], source[router][kept])
+                assert torch.equal(output[tensor.name(new)], source[tensor.name(old)])
+            assert tensor.name(4) not in output
+        for router, axis in layout.layers[layer].router.items():  # ERNIE's selection bias is [1, E]
+            assert torch.equal(output[router], source[router].index_select(axis, torch.tensor(kept)))
     untouched = [n for n in source if layout.classify(n).kind in ("other", "shared_expert")]
     assert all(torch.equal(output[n], source[n]) for n in untouched)
 
@@ -369,6 +498,329 @@ def _last_moe_layer_error(model, out: Path, sequences) -> float:
     return float((a - b).pow(2).sum() / b.pow(2).sum())
 
 
+# -- group-limited routing (DeepSeek-V3: 2 groups of 4 experts, one open per token) --------------------------------
+
+
+def test_grouped_router_plans_keep_groups_equal_and_export_refuses_breaking_plans(checkpoints, rows, tmp_path,
+                                                                                   capsys):
+    model, directory = checkpoints["deepseek_v3"]
+    code, out, err = run_cli(["inspect", directory], capsys)
+    assert code == 0 and "sigmoid, top-2 in the best 1 of 2 expert groups, noaux_tc, renormalise no, x2.5, selection " \
+        "bias" in out, err
+    profile_path = tmp_path / "profile.json"
+    code, _, err = run_cli(["profile", directory, "-d", f"r={rows}", "-o", profile_path, "--seq-len", "16",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    profile = json.loads(profile_path.read_text())
+    assert profile["model"]["expert_groups"] == {"count": 2, "chosen": 1, "min_kept": 2}
+    code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "plan.json"], capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    for layer, stats in profile["domains"]["r"]["layers"].items():  # the 2 most selected of each group of 4
+        counts = stats["selected"]
+        expected = sorted(e for group in (range(4), range(4, 8)) for e in sorted(group, key=lambda e: -counts[e])[:2])
+        assert plan["layers"][layer]["keep"] == expected and not plan.get("ungroup")
+    for argv in (["--strategy", "coverage"], ["--keep", "3"], ["--keep", "2"]):
+        code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "bad.json", *argv], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "--ungroup" in err, (argv, err)
+        assert not (tmp_path / "bad.json").exists()
+    code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "free.json", "--strategy", "coverage",
+                            "--ungroup"], capsys)
+    assert code == 0 and json.loads((tmp_path / "free.json").read_text())["ungroup"] is True, err
+    code, _, err = run_cli(["plan", profile_path, "-o", tmp_path / "one.json", "--keep", "2", "--keep-groups", "1"],
+                           capsys)
+    assert code == 0, err
+    by_group = {}  # the group of highest selection count, then its 2 most selected experts
+    for layer, stats in profile["domains"]["r"]["layers"].items():
+        counts = stats["selected"]
+        group = max((0, 1), key=lambda g: (sum(counts[4 * g:4 * g + 4]), -g))
+        by_group[int(layer)] = sorted(sorted(range(4 * group, 4 * group + 4), key=lambda e: -counts[e])[:2])
+    plan = json.loads((tmp_path / "one.json").read_text())
+    assert {int(layer): spec["keep"] for layer, spec in plan["layers"].items()} == by_group
+
+    lopsided = {1: [0, 1, 2, 4], 2: [0, 4, 5, 6]}
+    for keep, message in ((lopsided, r"every group keeps the same number of experts \(or none"),
+                          ({1: [0, 4], 2: [3, 7]}, "at least 2 per group"),
+                          ({1: [0, 1, 4, 5], 2: [0, 1]}, "layer 1 keeps 2, layer 2 keeps 1")):
+        out = tmp_path / "refused"
+        code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "p.json", keep, 1), "-o", out,
+                                "--no-validate"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists(), err
+        assert re.search(message, err), err
+
+    # a whole group dropped: one group left, routing exactly the masked original's; --ungroup: plain top-k
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    one_group = {1: [4, 5, 6, 7], 2: [0, 1, 2, 3]}
+    for keep, extra, groups in ((one_group, {}, None), (lopsided, {"ungroup": True}, (1, 1)), (by_group, {}, None)):
+        out = tmp_path / f"out{len(extra)}{len(keep[1])}"
+        code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "u.json", keep, 1, **extra),
+                                "-o", out, "--no-validate"], capsys)
+        assert code == 0, err
+        config = json.loads((out / "config.json").read_text())
+        assert (config["n_group"], config["topk_group"], config["n_routed_experts"]) == (1, 1, len(keep[1]))
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = pruned(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, masked_logits("deepseek_v3", model, keep, 1, ids, groups=groups),
+                                   rtol=1e-5, atol=1e-5)
+    source, output = disk(directory), disk(tmp_path / "out14")
+    bias = "model.layers.2.mlp.gate.e_score_correction_bias"
+    assert torch.equal(output[bias], source[bias][[0, 4, 5, 6]])
+
+
+def test_renorm_on_a_sigmoid_router_renormalises_the_chosen_weights(checkpoints, tmp_path, capsys):
+    model, directory = checkpoints["deepseek_v3"]
+    keep = keep_for(model)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "plan.json", keep, 2), "-o", out,
+                            "--no-validate", "--compensation", "renorm"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["norm_topk_prob"] is True
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    expected = masked_logits("deepseek_v3", model, keep, 2, ids, renorm=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (masked_logits("deepseek_v3", model, keep, 2, ids) - expected).abs().max() > 1e-3
+
+
+def test_mtp_layers_are_copied_untouched(checkpoints, tmp_path, capsys):
+    """DeepSeek-V3's next-token-prediction layer (decoder layer num_hidden_layers, which transformers does not build):
+    its tensors travel byte for byte, the output still loads in plain transformers and equals the masked original."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, directory = checkpoints["deepseek_v3"]
+    source = tmp_path / "with-mtp"
+    shutil.copytree(directory, source)
+    mtp = {n.replace("layers.2.", "layers.3."): t.clone() for n, t in disk(directory).items() if ".layers.2." in n}
+    mtp["model.layers.3.eh_proj.weight"] = torch.randn(HIDDEN, 2 * HIDDEN, generator=torch.Generator().manual_seed(2))
+    save_file(mtp, source / "mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    keep, out = keep_for(model), tmp_path / "out"
+    code, _, err = run_cli(["export", source, write_plan(source, tmp_path / "plan.json", keep, 1), "-o", out,
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    output = disk(out)
+    assert all(torch.equal(output[n], t) for n, t in mtp.items())
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("deepseek_v3", model, keep, 1, ids), rtol=1e-5, atol=1e-5)
+
+
+FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def fp8_copy(directory: Path, target: Path) -> Path:
+    """`directory`'s checkpoint with every decoder-layer projection block-quantized here to FP8 (e4m3, one scale per
+    128x128 block: ``weight_scale_inv``), as DeepSeek publishes V3; the router, norms and embeddings stay as they
+    are."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, weight in disk(directory).items():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            tensors[name] = weight
+            continue
+        rows, cols = weight.shape
+        scale = torch.empty(-(-rows // 128), -(-cols // 128))
+        quantized = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                block = weight[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].float()
+                scale[i, j] = block.abs().max() / 448.0
+                quantized[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block / scale[i, j]).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = quantized, scale
+    target.mkdir()
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": FP8}))
+    return target
+
+
+def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_path, capsys):
+    model, directory = checkpoints["deepseek_v3"]
+    source = fp8_copy(directory, tmp_path / "fp8")
+    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
+    # profiling layer by layer (dequantized here, block by block) counts what the whole model (transformers) routes
+    profiles = []
+    for layerwise in ([], ["--layerwise"]):
+        out = tmp_path / f"profile{len(layerwise)}.json"
+        code, _, err = run_cli(["profile", source, "-d", f"r={rows}", "-o", out, "--seq-len", "16", "--device", "cpu",
+                                *layerwise], capsys)
+        assert code == 0, err
+        profiles.append({k: v["selected"] for k, v in json.loads(out.read_text())["domains"]["r"]["layers"].items()})
+    assert profiles[0] == profiles[1]
+
+    keep, out = keep_for(model), tmp_path / "out"
+    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == FP8
+    original, output = disk(source), disk(out)
+    for layer, kept in keep.items():
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            for suffix in ("weight", "weight_scale_inv"):
+                template = f"model.layers.{layer}.mlp.experts.{{}}.{part}.{suffix}"
+                for new, old in enumerate(sorted(kept)):
+                    a, b = output[template.format(new)], original[template.format(old)]
+                    assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                assert template.format(len(kept)) not in output
+    shared = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    assert torch.equal(output[shared].view(torch.uint8), original[shared].view(torch.uint8))
+    assert torch.equal(output[shared + "_scale_inv"], original[shared + "_scale_inv"])
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("deepseek_v3", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+    reports = []  # validation layer by layer (dequantized here) = whole (transformers)
+    for layerwise in ([], ["--layerwise"]):
+        path = tmp_path / f"v{len(layerwise)}.json"
+        code, _, err = run_cli(["validate", source, out, "-d", f"r={rows}", "-o", path, "--seq-len", "16",
+                                "--device", "cpu", *layerwise], capsys)
+        assert code == 0, err
+        reports.append(json.loads(path.read_text())["domains"]["r"])
+    for key in ("perplexity_original", "perplexity_compressed", "kl_mean"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5)
+
+    # fitted modes write their experts re-quantized (new block scales) and say the error that adds
+    sequences = [json.loads(line)["input_ids"] for line in rows.read_text().splitlines()]
+    errors = {"none": _last_moe_layer_error(dequantized, out, sequences)}
+    for mode in ("scale", "refit"):
+        fitted = tmp_path / mode
+        code, _, err = run_cli(["export", source, plan, "-o", fitted, "--no-validate", "--compensation", mode,
+                                "--calibration", f"r={rows}", "--seq-len", "16", "--device", "cpu"], capsys)
+        assert code == 0, err
+        report = json.loads((fitted / "moe_compress_provenance.json").read_text())["fit"]["fp8_requantization"]
+        assert report["tensors"] == 2 * 4 * 3 and 0 < report["max_relative_error"] < 0.1  # kept experts' weights
+        down = "model.layers.2.mlp.experts.0.down_proj.weight"
+        assert disk(fitted)[down].dtype == torch.float8_e4m3fn
+        assert not torch.equal(disk(fitted)[down + "_scale_inv"], output[down + "_scale_inv"])
+        errors[mode] = _last_moe_layer_error(dequantized, fitted, sequences)
+    assert errors["scale"] < 0.95 * errors["none"] and errors["refit"] < 0.95 * errors["none"], errors
+
+    # refused in one line, nothing written: an FP8 weight without its scale
+    refused = tmp_path / "refused"
+    from safetensors.torch import save_file
+
+    missing = "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"
+    save_file({n: t for n, t in original.items() if n != missing}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not refused.exists(), err
+    assert f"{missing.removesuffix('_scale_inv')} has no scale tensor {missing}" in err
+
+
+def mxfp4_checkpoint(target: Path):
+    """A tiny gpt-oss (expert widths a multiple of 32) whose fused experts are quantized here to MXFP4 as OpenAI
+    publishes them: ``P_blocks`` [E, out, in / 32, 16] (FP4 e2m1 pairs, low nibble first), ``P_scales`` [E, out,
+    in / 32] (E8M0 exponents, bias 127, each group's largest value within 6 x 2^e); returns (model, directory)."""
+    from safetensors.torch import save_file
+
+    config_class, model_class, extra, _ = FAMILIES["gpt_oss"]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**COMMON, **extra, "intermediate_size": 32})).eval()
+    _decisive(model, torch.Generator().manual_seed(1))
+    model.save_pretrained(target)
+    fp4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    tensors = {}
+    for name, value in disk(target).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = value
+            continue
+        groups = value.transpose(1, 2).float().reshape(*value.shape[0:1], value.shape[2], -1, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+        index = (groups / torch.exp2(exponent)[..., None])[..., None].sub(fp4).abs().argmin(-1)
+        tensors[name + "_blocks"] = (index[..., 0::2] | (index[..., 1::2] << 4)).to(torch.uint8)
+        tensors[name + "_scales"] = (exponent + 127).to(torch.uint8)
+    for shard in target.glob("*.safetensors"):
+        shard.unlink()
+    (target / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config))
+    return model, target
+
+
+def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path, capsys):
+    model, source = mxfp4_checkpoint(tmp_path / "mxfp4")
+    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
+    profiles = []
+    for layerwise in ([], ["--layerwise"]):
+        out = tmp_path / f"profile{len(layerwise)}.json"
+        code, _, err = run_cli(["profile", source, "-d", f"r={rows}", "-o", out, "--seq-len", "16", "--device", "cpu",
+                                *layerwise], capsys)
+        assert code == 0, err
+        profiles.append({k: v["selected"] for k, v in json.loads(out.read_text())["domains"]["r"]["layers"].items()})
+    assert profiles[0] == profiles[1]
+
+    keep, out = keep_for(model), tmp_path / "out"
+    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
+    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    original, output = disk(source), disk(out)
+    for layer, kept in keep.items():
+        for part in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales",
+                     "gate_up_proj_bias", "down_proj_bias"):
+            name = f"model.layers.{layer}.mlp.experts.{part}"
+            assert torch.equal(output[name], original[name][sorted(kept)])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        got = pruned(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, keep, 1, ids), rtol=1e-5, atol=1e-5)
+    ragged, out = {0: [0, 1, 2], 1: [0, 1, 2, 3], 2: [1, 2, 3, 4, 5]}, tmp_path / "ragged"  # per-layer counts
+    code, _, err = run_cli(["export", source, write_plan(source, tmp_path / "ragged.json", ragged, 1), "-o", out,
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    per_layer = detect_family(config).model_class(config).from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = per_layer(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, ragged, 1, ids), rtol=1e-5, atol=1e-5)
+
+    refused = tmp_path / "refused"
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
+                            "--calibration", f"r={rows}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "re-quantized MXFP4" in err and not refused.exists()
+    from safetensors.torch import save_file
+
+    scales = "model.layers.1.mlp.experts.down_proj_scales"
+    save_file({n: t for n, t in original.items() if n != scales}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and scales in err and not refused.exists(), err
+
+
+def test_an_unsupported_quantization_is_refused_in_one_line(checkpoints, tmp_path, capsys):
+    import shutil
+
+    model, directory = checkpoints["deepseek_v3"]
+    quantized = tmp_path / "gptq"
+    shutil.copytree(directory, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (quantized / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", quantized, write_plan(directory, tmp_path / "plan.json", keep_for(model), 1),
+                            "-o", out, "--no-validate"], capsys)
+    assert code == 2 and not out.exists(), err
+    assert len(err.strip().splitlines()) == 1 and "quantization_config method 'gptq' is not supported" in err
+
+
 # -- per-layer expert counts, validation, serving ---------------------------------------------------------------------
 
 
@@ -393,6 +845,8 @@ def test_per_layer_counts_load_in_process_and_without_moe_compress(checkpoints, 
     for name, (model, directory) in checkpoints.items():
         layers = moe_layers(model)
         keep = {layer: list(range(3 + i)) for i, layer in enumerate(layers)}  # 3, 4 (, 5) experts
+        if len(FAMILIES[name][3]) > 3 and FAMILIES[name][3][3][1] == 2:  # 2 groups of 4: 2 + 2, 3 + 3 experts
+            keep = {layer: [*range(2 + i), *range(4, 6 + i)] for i, layer in enumerate(layers)}
         out = tmp_path / name
         code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / f"{name}.json", keep, 1),
                                 "-o", out, "--no-validate"], capsys)
@@ -438,7 +892,7 @@ def test_validate_whole_equals_layerwise_and_serve_check_accepts_uniform(checkpo
             assert layerwise["domains"][domain][key] == pytest.approx(whole["domains"][domain][key], rel=1e-4)
     assert whole["domains"]["r"]["perplexity_increase"] != 0 and set(whole["layers"]) == {"0", "1", "2"}
     info = check_servable(out)
-    assert info.family == name and info.experts == 4 and info.top_k == 1
+    assert info.family == family_name(name) and info.experts == 4 and info.top_k == 1
     assert info.trust_remote_code is (name == "deepseek_moe")
 
 

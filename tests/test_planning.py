@@ -497,3 +497,53 @@ def test_deepseek_moe_16b_uniform_32_for_gsm8k():
             values = per_layer[str(layer)]
             assert plan.predicted_coverage[name][str(layer)] == sum(values[e] for e in best) / sum(values)
     assert plan.is_uniform()
+
+
+# -- group-limited routers ----------------------------------------------------------------------------------
+
+
+def test_uniform_on_a_grouped_router_keeps_the_best_of_every_group():
+    from compressor.profiling.schema import ExpertGroups
+
+    profile = make_profile({"code": {1: [10, 50, 30, 0, 20, 5, 40, 45], 2: [9, 8, 7, 6, 1, 2, 3, 4]}})
+    profile.model.expert_groups = ExpertGroups(count=2, chosen=1, min_kept=1)  # groups 0..3 and 4..7
+    # ungrouped, the best 4 of layer 1 are 1, 2, 6, 7; per group: 1, 2 | 6, 7 and 0, 1 | 6, 7 (not 0..3)
+    assert kept(profile) == {1: [1, 2, 6, 7], 2: [0, 1, 6, 7]}
+    assert kept(profile, keep=2) == {1: [1, 7], 2: [0, 7]}
+    assert kept(profile, keep=2, protect={2: {5}}) == {1: [1, 7], 2: [0, 5]}
+    assert kept(profile, keep_fraction=0.7) == {1: [0, 1, 2, 4, 6, 7], 2: [0, 1, 2, 5, 6, 7]}  # 2.8 -> 3 per group
+    with pytest.raises(UserError, match=r"layer 2: 2 experts of the group 4..7 are protected, more than the 1"):
+        kept(profile, keep=2, protect={2: {4, 5}})
+    with pytest.raises(UserError, match=r"--keep 3: .*best 1 of 2 expert groups.*keep a multiple of 2.*--ungroup"):
+        kept(profile, keep=3)
+    with pytest.raises(UserError, match=r"--top-k 2 exceeds the 1 experts kept in the 1 groups open to a token"):
+        kept(profile, keep=2, top_k=2)
+    with pytest.raises(UserError, match="--strategy global keeps different numbers of experts per expert group"):
+        kept(profile, strategy="global")
+    assert kept(profile, keep=3, ungroup=True) == {1: [1, 6, 7], 2: [0, 1, 2]}
+    profile.model.expert_groups = ExpertGroups(count=2, chosen=1, min_kept=2)
+    with pytest.raises(UserError, match="at least 2: keep a multiple of 2 of at least 4"):
+        kept(profile, keep=2)
+
+
+def test_keep_groups_drops_the_groups_of_lowest_total_score():
+    from compressor.profiling.schema import ExpertGroups
+
+    profile = make_profile({"code": {1: [10, 50, 30, 0, 20, 5, 40, 45], 2: [9, 8, 7, 6, 1, 2, 3, 4]}})
+    profile.model.expert_groups = ExpertGroups(count=2, chosen=1, min_kept=1)
+    # group totals: layer 1: 90 | 110, layer 2: 30 | 10
+    assert kept(profile, keep=2, keep_groups=1) == {1: [6, 7], 2: [0, 1]}
+    assert kept(profile, keep_groups=1) == {1: [4, 5, 6, 7], 2: [0, 1, 2, 3]}  # half of 8 in one group: all of it
+    assert kept(profile, keep=2, keep_groups=1, protect={1: {3}}) == {1: [1, 3], 2: [0, 1]}
+    plan = make_plan(profile, PlanOptions(keep=2, keep_groups=1))
+    assert plan.strategy.parameters["keep_groups"] == 1
+    with pytest.raises(UserError, match="protected experts lie in 2 expert groups, more than the 1"):
+        kept(profile, keep=2, keep_groups=1, protect={1: {0, 7}})
+    with pytest.raises(UserError, match="--keep-groups 3: this model's router has 2 expert groups"):
+        kept(profile, keep=3, keep_groups=3)
+    with pytest.raises(UserError, match="6 experts in each of 1 groups, but a group has only 4"):
+        kept(profile, keep_fraction=0.75, keep_groups=1)
+    with pytest.raises(UserError, match="--keep-groups applies to group-limited routers.*once --ungroup"):
+        kept(profile, keep=2, keep_groups=1, ungroup=True)
+    with pytest.raises(UserError, match="goes with --strategy uniform"):
+        kept(profile, strategy="coverage", keep_groups=1)

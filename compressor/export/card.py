@@ -63,7 +63,7 @@ def write_basic_card(directory: Path, path_hint: str, family, config: dict, plan
         f"| {layer} | {counts[layer]} / {family.num_experts(config, layer)} | {', '.join(map(str, experts))} |"
         for layer, experts in sorted(kept.items())
     )
-    not_native = family.native_transformers_support(config, kept, plan.top_k)
+    not_native = family.native_transformers_support(config, kept, plan.top_k, ungroup=plan.ungroup)
     ships_code = "auto_map" in json.loads((directory / "config.json").read_text())  # written with the runtime files
     loading = [
         "```python",
@@ -117,7 +117,9 @@ def write_basic_card(directory: Path, path_hint: str, family, config: dict, plan
             f"- routed experts kept: {sum(counts.values())} of "
             f"{sum(family.num_experts(config, layer) for layer in kept)} over {len(kept)} MoE layers"
             f" ({'uniform' if uniform else 'per-layer counts'})",
-            f"- routing: top-{plan.top_k} (was top-{family.top_k(config)}); compensation: `{provenance['compensation']}`"
+            f"- routing: top-{plan.top_k} (was top-{family.top_k(config)})"
+            f"{', expert groups removed (plain top-k)' if plan.ungroup and plan.model.expert_groups else ''}; "
+            f"compensation: `{provenance['compensation']}`"
             f"{_fit_summary(provenance.get('fit') or {})}",
             f"- size: {_size(out_bytes)} of weights, {_count(provenance['parameters'])} parameters "
             f"(was {_size(provenance['source_bytes'])}, {_count(provenance['source_parameters'])})",

@@ -142,7 +142,8 @@ def _moe_problem(pruned, step, targets):
     captured = {}
 
     def capture(_module, inputs, output):
-        captured["input"], captured["output"] = inputs[0], output
+        captured["input"] = inputs[0]
+        captured["output"] = output[0] if pruned.family.block_returns_tuple else output
 
     inputs, wanted = [], []
     handle = block_module.register_forward_hook(capture)

@@ -132,6 +132,23 @@ def export_checkpoint(model: str, plan, output: Path, options: ExportOptions | N
         raise UserError(f"writing {output} failed: {error.strerror or error}; nothing was written") from error
 
 
+def _requantize(fitted, specs: dict, layout) -> dict:
+    """Fitted weights of FP8 tensors re-quantized (one at a time), stored back with their new block scales; returns
+    the error this adds (relative to each fitted weight, in Frobenius norm: the largest and the root mean square)."""
+    from compressor.families.quantization import FP8_DTYPES, dequantize, quantize, scale_name
+
+    errors = []
+    for name in [n for n in list(fitted.files) if specs[n].dtype in FP8_DTYPES]:
+        weight = fitted[name].float()
+        quantized, scale = quantize(weight, layout.block, specs[name].dtype)
+        errors.append(float((dequantize(quantized, scale, layout.block) - weight).norm()
+                            / weight.norm().clamp_min(1e-30)))
+        fitted.add_layer(layout.layer_of(name), {name: quantized,
+                                                 scale_name(name): scale.to(specs[scale_name(name)].dtype)})
+    return {"tensors": len(errors), "max_relative_error": max(errors, default=0.0),
+            "rms_relative_error": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0}
+
+
 def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportResult:
     from compressor.planning import check_plan_matches
 
@@ -144,8 +161,11 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     reader, config, family = source.reader, source.config, source.family
     check_plan_matches(plan, config, family)
     kept = plan.kept()
-    new_config = family.pruned_config(config, kept, plan.top_k)
+    new_config = family.pruned_config(config, kept, plan.top_k, ungroup=plan.ungroup)
     new_config.update(family.compensation_config(config, compensation))
+    if compensation in FITTED_COMPENSATIONS and source.layout.mxfp4:
+        raise UserError(f"--compensation {compensation} would have to write fitted experts as re-quantized MXFP4 "
+                        "blocks, which moe-compress does not do; use none on this MXFP4 checkpoint")
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)
@@ -172,6 +192,9 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             scratch.mkdir()
             fitted, fit_report = fit_compensation(source, new_config, mapping, [o.name for o in outputs],
                                                   compensation, options.fit, options.run, scratch)
+            if source.layout.block:
+                fit_report["fp8_requantization"] = _requantize(fitted, {o.name: o.spec for o in outputs},
+                                                               source.layout)
         total = sum(o.spec.nbytes for o in outputs)
         writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
                                        metadata={"format": "pt"}, index=None)

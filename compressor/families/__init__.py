@@ -14,14 +14,20 @@ from compressor.errors import UserError
 from compressor.families.base import FamilyAdapter, RouterSpec, TensorRole
 from compressor.families.deepseek_moe import DeepseekMoEFamily
 from compressor.families.deepseek_v2 import DeepseekV2Family
+from compressor.families.deepseek_v3 import DeepseekV3Family
+from compressor.families.ernie4_5_moe import Ernie45MoEFamily
+from compressor.families.glm4_moe import Glm4MoeFamily
+from compressor.families.gpt_oss import GptOssFamily
+from compressor.families.minimax_m2 import MiniMaxM2Family
 from compressor.families.mixtral import MixtralFamily
 from compressor.families.olmoe import OlmoeFamily
-from compressor.families.qwen_moe import Qwen2MoEFamily, Qwen3MoEFamily
+from compressor.families.qwen_moe import Qwen2MoEFamily, Qwen3MoEFamily, Qwen3NextFamily
 
 FAMILIES: dict[str, FamilyAdapter] = {
     family.name: family
-    for family in (DeepseekMoEFamily(), DeepseekV2Family(), Qwen2MoEFamily(), Qwen3MoEFamily(), MixtralFamily(),
-                   OlmoeFamily())
+    for family in (DeepseekMoEFamily(), DeepseekV2Family(), DeepseekV3Family(), Glm4MoeFamily(), Qwen2MoEFamily(),
+                   Qwen3MoEFamily(), MixtralFamily(), OlmoeFamily(), MiniMaxM2Family(), Ernie45MoEFamily(),
+                   GptOssFamily(), Qwen3NextFamily())
 }
 _BY_MODEL_TYPE: dict[str, FamilyAdapter] = {
     model_type: family for family in FAMILIES.values() for model_type in family.model_types

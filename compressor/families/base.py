@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,6 +36,8 @@ class RouterSpec:
     - routed_scaling_factor: multiplies the routed weights;
     - correction_bias: a selection-only bias (``e_score_correction_bias``) added to the scores to choose experts;
     - logits_fp32: logits computed in fp32 (else in the hidden states' dtype, then softmax in fp32);
+      weights_fp32: the weights handed to the experts in fp32 (None: as logits_fp32; ERNIE casts them back,
+      Mixtral and MiniMax-M2 keep their fp32 weights);
     - softmax_after_topk: top-k on the logits, then softmax over the chosen ones (gpt-oss).
     """
 
@@ -47,6 +50,7 @@ class RouterSpec:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False
     logits_fp32: bool = False
+    weights_fp32: bool | None = None
     softmax_after_topk: bool = False
     renorm_eps: float = 0.0
 
@@ -60,6 +64,11 @@ class RouterSpec:
     def grouped(self) -> bool:
         """Whether expert choice is restricted to groups (so pruning must keep the groups balanced)."""
         return self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_group > 1
+
+    @property
+    def min_kept_per_group(self) -> int:
+        """Fewest experts a group can keep: ``noaux_tc`` scores a group by its two best experts."""
+        return 2 if self.topk_method == "noaux_tc" else 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,12 @@ class FamilyAdapter:
     experts_attr: ClassVar[str] = "experts"
     shared_attrs: ClassVar[tuple[str, ...]] = ()  # modules whose outputs add to the routed output
     shared_gate_attr: ClassVar[str | None] = None  # sigmoid gate on the shared output (Qwen2-MoE)
+    # the selection-only bias (where the family has one), relative to the block: a router buffer, or the block's own
+    correction_bias_path: ClassVar[str] = "gate.e_score_correction_bias"
+    # the experts' layout flags (is_transposed, is_concatenated, has_bias, has_gate) where the experts module does not
+    # carry transformers' own (gpt-oss's hand-written experts)
+    experts_layout: ClassVar[dict] = {}
+    block_returns_tuple: ClassVar[bool] = False  # the block returns (hidden states, router scores) (gpt-oss)
     # transformers' classes (module path, class name); None: found through transformers' Auto mappings
     model_class_path: ClassVar[tuple[str, str] | None] = None
     config_class_path: ClassVar[tuple[str, str] | None] = None
@@ -100,6 +115,8 @@ class FamilyAdapter:
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
+    # config.json values vLLM reads to route as transformers does (transformers' config class may not write them)
+    vllm_routing_keys: ClassVar[dict] = {}
 
     # -- structure --------------------------------------------------------------------------------
 
@@ -185,22 +202,51 @@ class FamilyAdapter:
         return plan
 
     def check_routing_structure(self, config: Mapping, plan: dict[int, list[int]], top_k: int) -> None:
-        """Family constraints on a keep-plan beyond counts (e.g. balanced expert groups); UserError otherwise."""
+        """Constraints on a keep-plan beyond counts: a group-limited router's groups stay balanced and
+        contiguous (`check_balanced_groups`); UserError otherwise."""
+        router = self.router(config)
+        if router.grouped:
+            check_balanced_groups(self, config, plan, top_k, router)
+            return
+        for layer, experts in sorted(plan.items()):
+            if len(experts) < router.min_kept_per_group:
+                raise UserError(f"the router ({router.topk_method}) scores its expert group by the "
+                                f"{router.min_kept_per_group} best experts, so every layer must keep at least "
+                                f"{router.min_kept_per_group}; layer {layer} keeps {len(experts)}")
 
     def ungrouped(self, config: Mapping) -> dict:
         """`config` with group-limited routing rewritten to plain top-k (unchanged for families without groups)."""
         return dict(config)
 
+    def regrouped(self, config: Mapping, groups: int, chosen: int) -> dict:
+        """`config` routing over `groups` expert groups, `chosen` of them open per token (families with groups)."""
+        raise UserError(f"{self.name} has no expert groups to change")
+
+    def expert_groups(self, config: Mapping) -> dict | None:
+        """A group-limited router's groups as planning sees them: ``count`` contiguous groups per MoE layer,
+        ``chosen`` of them open to each token, ``min_kept`` experts at least per group; None without groups."""
+        router = self.router(config)
+        if not router.grouped:
+            return None
+        return {"count": router.n_group, "chosen": router.topk_group, "min_kept": router.min_kept_per_group}
+
     def pruned_config(self, config: Mapping, kept: Mapping, top_k: int, *, ungroup: bool = False) -> dict:
         """config.json of the output: the family's expert count key (the largest kept count), PER_LAYER_KEY for
         layers that keep fewer (and `architectures` naming the per-layer vLLM variant), and the top-k key.
         `kept[layer]` lists old expert ids in their new order. `ungroup=True` rewrites a grouped router to plain
-        top-k (any plan is then valid)."""
+        top-k (any plan is then valid); a plan that drops whole expert groups lowers the group count (and the open
+        groups to at most that)."""
         if ungroup:
             config = self.ungrouped(config)
         plan = self.check_kept(config, kept, top_k)
         counts = {layer: len(experts) for layer, experts in plan.items()}
         new = copy.deepcopy(dict(config))
+        router = self.router(config)
+        if router.grouped and plan:  # whole groups dropped (check_kept: as many in every layer): fewer groups
+            layer, experts = next(iter(plan.items()))
+            groups = len({expert // (self.num_experts(config, layer) // router.n_group) for expert in experts})
+            if groups < router.n_group:
+                new.update(self.regrouped(config, groups, min(router.topk_group, groups)))
         new.pop(PER_LAYER_KEY, None)
         if counts:
             largest = max(counts.values())
@@ -238,6 +284,12 @@ class FamilyAdapter:
 
     def vllm_problem(self, config: Mapping) -> str | None:
         """Why vLLM would compute something else than transformers on an output with `config`, or None."""
+        wrong = {key: value for key, value in self.vllm_routing_keys.items() if config.get(key) != value}
+        if wrong:
+            return (f"vLLM's {self.name} reads {' and '.join(wrong)} from config.json and would route otherwise than "
+                    "transformers (what moe-compress exported and validated with); set "
+                    f"{', '.join(f'{key}: {json.dumps(value)}' for key, value in wrong.items())} (as the published "
+                    "configs do)")
         return None
 
     # -- in memory --------------------------------------------------------------------------------
@@ -294,12 +346,20 @@ class FamilyAdapter:
         """(weight [E, H], logit bias [E] or None, selection-only correction bias [E] or None) of a live block."""
         router = getattr(block, self.router_attr)
         bias = getattr(router, "bias", None)
-        correction = getattr(router, "e_score_correction_bias", None)
+        correction = block
+        for name in self.correction_bias_path.split("."):
+            correction = getattr(correction, name, None)
+        if correction is not None:
+            correction = correction.reshape(-1)  # ERNIE keeps it as [1, E]
         return router.weight, bias if isinstance(bias, type(router.weight)) else None, correction
 
     def check_config(self, config: Mapping) -> None:
         """UserError (naming the key) when config.json's values cannot describe a model of this family: wrong
-        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses."""
+        types, counts below 1, top-k outside 1..experts, or values the config class itself refuses; a quantization
+        other than fine-grained FP8."""
+        from compressor.families.quantization import block_size
+
+        block_size(config)
         layers = config_int(config, "num_hidden_layers", minimum=1)
         config_int(config, "hidden_size", minimum=1)
         config_int(config, "vocab_size", minimum=1)
@@ -325,6 +385,51 @@ class FamilyAdapter:
 
     def __repr__(self) -> str:
         return f"<family {self.name} (model_type {', '.join(self.model_types)})>"
+
+
+def check_balanced_groups(family, config, plan: dict[int, list[int]], top_k: int, router: RouterSpec) -> None:
+    """A plan for a group-limited router keeps the same number of experts (at least `router.min_kept_per_group`) in
+    each group it keeps, the same number of groups in every layer (a whole group may go), and lists them group by
+    group, so the output's contiguous groups are the original ones; UserError with the fix otherwise."""
+    n_group = router.n_group
+    where = (f"the router picks experts from the best {router.topk_group} of {n_group} expert groups "
+             f"({router.topk_method})")
+    changed = sorted((k, v) for k, v in family.ungrouped(config).items() if config.get(k) != v)
+    hint = (f"or plan with --ungroup (route without groups: {', '.join(f'{k}: {v}' for k, v in changed)}; "
+            "tokens may then pick experts outside their best groups)")
+    groups_kept: dict[int, int] = {}
+    for layer, experts in sorted(plan.items()):
+        total = family.num_experts(config, layer)
+        if total % n_group:
+            raise UserError(f"layer {layer}: {total} experts cannot form {n_group} equal groups ({where})")
+        size = total // n_group
+        per_group = [0] * n_group
+        for expert in experts:
+            per_group[expert // size] += 1
+        sizes = {c for c in per_group if c}
+        if len(sizes) > 1:
+            raise UserError(f"{where}, so every group keeps the same number of experts (or none: a whole group may "
+                            f"go); layer {layer} keeps {per_group} from groups 0..{n_group - 1}. Balance the plan, "
+                            f"{hint}")
+        per, kept = sizes.pop(), sum(1 for c in per_group if c)
+        if per < router.min_kept_per_group:
+            raise UserError(f"{where}, which scores a group by its {router.min_kept_per_group} best experts; layer "
+                            f"{layer} keeps {per} per group. Keep at least {router.min_kept_per_group} per group, "
+                            f"{hint}")
+        for block in range(kept):
+            if len({expert // size for expert in experts[block * per:(block + 1) * per]}) != 1:
+                raise UserError(f"{where}; layer {layer} must list its kept experts group by group (new group {block} "
+                                f"= kept positions {block * per}..{(block + 1) * per - 1}), e.g. in ascending order")
+        open_groups = min(router.topk_group, kept)
+        if top_k > open_groups * per:
+            raise UserError(f"{where}; top_k={top_k} exceeds the {open_groups * per} experts left in "
+                            f"{open_groups} groups of {per} (layer {layer}). Keep more experts per group, {hint}")
+        groups_kept[layer] = kept
+    if len(set(groups_kept.values())) > 1:
+        first, count = next(iter(groups_kept.items()))
+        other = next(layer for layer, n in groups_kept.items() if n != count)
+        raise UserError(f"{where}; the group count is one setting for all layers, so every layer must keep the same "
+                        f"number of groups: layer {first} keeps {count}, layer {other} keeps {groups_kept[other]}")
 
 
 def config_int(config: Mapping, key: str, *, default=None, minimum: int = 0) -> int:

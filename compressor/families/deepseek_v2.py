@@ -51,13 +51,11 @@ class DeepseekV2Family(FamilyAdapter):
                           topk_group=config_int(config, "topk_group", default=1, minimum=1),
                           routed_scaling_factor=config_float(config, "routed_scaling_factor", 1.0), logits_fp32=True)
 
-    def check_routing_structure(self, config, plan: dict[int, list[int]], top_k: int) -> None:
-        router = self.router(config)
-        if router.grouped:
-            check_balanced_groups(self, config, plan, top_k, router)
-
     def ungrouped(self, config: Mapping) -> dict:
         return {**config, "topk_method": "greedy", "n_group": 1, "topk_group": 1}
+
+    def regrouped(self, config: Mapping, groups: int, chosen: int) -> dict:
+        return {**config, "n_group": groups, "topk_group": chosen}
 
     def compensation_config(self, config, compensation: str) -> dict:
         if compensation == "renorm":
@@ -77,36 +75,3 @@ class DeepseekV2Family(FamilyAdapter):
                     "DeepSeek-V2 (what moe-compress exported and validated with) does not; set norm_topk_prob to false")
         return None
 
-
-UNGROUP_HINT = ("or route without groups (topk_method: greedy, n_group: 1, topk_group: 1; tokens may then pick "
-                "experts outside their best groups)")
-
-
-def check_balanced_groups(family, config, plan: dict[int, list[int]], top_k: int, router: RouterSpec) -> None:
-    """A plan for a group-limited router keeps the same number of experts in every group and lists them group by
-    group, so the output's contiguous groups are the original ones; UserError with the fix otherwise."""
-    n_group = router.n_group
-    where = f"the router picks experts from the best {router.topk_group} of {n_group} expert groups ({router.topk_method})"
-    for layer, experts in sorted(plan.items()):
-        total = family.num_experts(config, layer)
-        if total % n_group:
-            raise UserError(f"layer {layer}: {total} experts cannot form {n_group} equal groups ({where})")
-        size, count = total // n_group, len(experts)
-        if count % n_group:
-            raise UserError(f"{where}, so the kept expert count must stay divisible by n_group={n_group} with every "
-                            f"group keeping the same number; the plan keeps {count}. Keep a multiple of {n_group}, "
-                            f"{UNGROUP_HINT}")
-        per = count // n_group
-        per_group = [0] * n_group
-        for expert in experts:
-            per_group[expert // size] += 1
-        if any(c != per for c in per_group):
-            raise UserError(f"{where}, so every group must keep the same number of experts ({per}); layer {layer} "
-                            f"keeps {per_group} from groups 0..{n_group - 1}. Balance the plan, {UNGROUP_HINT}")
-        for block in range(n_group):
-            if len({expert // size for expert in experts[block * per:(block + 1) * per]}) != 1:
-                raise UserError(f"{where}; layer {layer} must list its kept experts group by group (new group {block} "
-                                f"= kept positions {block * per}..{(block + 1) * per - 1}), e.g. in ascending order")
-        if top_k > router.topk_group * per:
-            raise UserError(f"{where}; top_k={top_k} exceeds the {router.topk_group * per} experts left in "
-                            f"{router.topk_group} groups of {per}. Keep more experts per group, {UNGROUP_HINT}")

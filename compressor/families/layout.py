@@ -61,7 +61,11 @@ class CheckpointLayout:
     def __init__(self, family, config: Mapping, names=None):
         """`names`: the checkpoint's tensor names, to tell per-expert from fused-on-disk storage (default:
         what `save_pretrained` would write)."""
+        from compressor.families.quantization import block_size, method
+
         self.family, self.config = family, dict(config)
+        self.block = block_size(config)  # FP8 block scales travel with their weights
+        self.mxfp4 = method(config) == "mxfp4"  # fused experts stored as _blocks / _scales
         self.model = meta_model(family, config)
         self._renamings, self._converters = _conversions(self.model)
         state = self.model.state_dict()
@@ -96,8 +100,7 @@ class CheckpointLayout:
         count = family.num_experts(self.config, layer)
         layout = LayerLayout(layer, count)
         experts_prefix = f"{block_path}.{family.experts_attr}."
-        router_prefixes = [f"{block_path}.{family.router_attr}."] + [
-            f"{block_path}.{name}" for name in getattr(family, "block_router_params", ())]
+        router_prefixes = [f"{block_path}.{family.router_attr}.", f"{block_path}.{family.correction_bias_path}"]
         shared_prefixes = [f"{block_path}.{name}." for name in (*family.shared_attrs, family.shared_gate_attr) if name]
         for param, meta in state.items():
             if param.startswith(experts_prefix):
@@ -116,6 +119,8 @@ class CheckpointLayout:
 
     def _expert_tensors(self, param: str, meta: torch.Tensor, count: int, layer: int, names: set[str]):
         reverted = self._revert({param: meta})
+        if self.mxfp4 and f"{param}_blocks" in names:
+            return self._mxfp4_tensors(param, meta, reverted, layer)
         if param in names or set(reverted) == {param}:  # fused on disk: the expert axis comes first
             for name in reverted:
                 if name != param:
@@ -130,11 +135,38 @@ class CheckpointLayout:
         if templates is None:
             raise UserError(f"{self.family.name}: cannot tell the expert index in the on-disk names of {param} "
                             f"(e.g. {next(iter(reverted))})")
+        from compressor.families.quantization import scale_name
+
         tensors = []
         for template, by_expert in templates.items():
-            tensors.append(ExpertTensor(template, per_expert=True))
-            for expert, name in by_expert.items():
-                self._roles[name] = TensorRole("expert", layer, expert)
+            scaled = [scale_name(name) in names for name in by_expert.values()] if self.block else []
+            if any(scaled) and not all(scaled):
+                missing = next(name for name, s in zip(by_expert.values(), scaled) if not s)
+                raise UserError(f"FP8 checkpoint: {missing} has no scale tensor {scale_name(missing)}")
+            for name_template in [template, *([scale_name(template)] if any(scaled) else [])]:
+                tensors.append(ExpertTensor(name_template, per_expert=True))
+                for expert in by_expert:
+                    self._roles[name_template.format(expert)] = TensorRole("expert", layer, expert)
+        return tensors
+
+    def _mxfp4_tensors(self, param: str, meta: torch.Tensor, reverted, layer: int) -> list[ExpertTensor]:
+        """A fused experts parameter [E, in, out] stored as MXFP4 ``_blocks`` [E, out, in / 32, 16] and ``_scales``
+        [E, out, in / 32]."""
+        from compressor.families.quantization import MXFP4_PARTS
+
+        experts, inputs, outputs = meta.shape
+        for name in reverted:
+            self.expected.discard(name)
+            self.shapes.pop(name, None)
+        shapes = dict(zip(MXFP4_PARTS, ((experts, outputs, inputs // 32, 16), (experts, outputs, inputs // 32))))
+        tensors = []
+        for suffix, shape in shapes.items():
+            name = param + suffix
+            self.expected.add(name)
+            self.shapes[name] = shape
+            self._layer_of[name] = layer
+            self._roles[name] = TensorRole("expert", layer, None)
+            tensors.append(ExpertTensor(name, per_expert=False, axis=0))
         return tensors
 
     # -- questions ------------------------------------------------------------------------------------
@@ -156,7 +188,13 @@ class CheckpointLayout:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise UserError(f"checkpoint does not match its config.json ({self.family.name}): missing "
                             f"{', '.join(missing[:3])}{more}")
-        surplus = sorted(n for n in names - self.expected if _looks_like_expert(n, self.layers))
+        if self.block:
+            from compressor.families.quantization import FP8_DTYPES, scale_name
+
+            unscaled = sorted(n for n in names if reader.info(n).dtype in FP8_DTYPES and scale_name(n) not in names)
+            if unscaled:
+                raise UserError(f"FP8 checkpoint: {unscaled[0]} has no scale tensor {scale_name(unscaled[0])}")
+        surplus = sorted(n for n in names - self.expected - self._roles.keys() if _looks_like_expert(n, self.layers))
         if surplus:
             raise UserError(f"checkpoint holds {surplus[0]}, which its config.json ({self.family.name}) has no "
                             "expert for")

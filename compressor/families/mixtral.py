@@ -1,5 +1,6 @@
 """Mixtral (``mixtral``), run by transformers: every layer MoE, ``num_local_experts`` experts, logits in the model's
-dtype, softmax in fp32, top-k, always renormalised (on disk ``block_sparse_moe.experts.E.w1/w2/w3``)."""
+dtype, softmax in fp32, top-k, always renormalised, the weights handed to the experts in fp32 (on disk
+``block_sparse_moe.experts.E.w1/w2/w3``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class MixtralFamily(FamilyAdapter):
         return 0 <= layer < self.num_layers(config)
 
     def router(self, config: Mapping) -> RouterSpec:
-        return RouterSpec(scoring="softmax", top_k=self.top_k(config), renormalize=True)
+        return RouterSpec(scoring="softmax", top_k=self.top_k(config), renormalize=True, weights_fp32=True)
 
     def compensation_config(self, config, compensation: str) -> dict:
         if compensation == "renorm":

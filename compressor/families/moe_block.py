@@ -75,7 +75,8 @@ def route(spec, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None
 
 
 def _limit_to_groups(spec, choice: torch.Tensor) -> torch.Tensor:
-    """Scores outside the `topk_group` best of `n_group` contiguous expert groups set to 0 (as transformers does)."""
+    """Scores outside the `topk_group` best of `n_group` contiguous expert groups set to 0 (``group_limited_greedy``)
+    or -inf (``noaux_tc``, whose biased scores may be negative), as transformers does."""
     tokens, experts = choice.shape
     grouped = choice.view(tokens, spec.n_group, experts // spec.n_group)
     if spec.topk_method == "noaux_tc":
@@ -84,7 +85,8 @@ def _limit_to_groups(spec, choice: torch.Tensor) -> torch.Tensor:
         group_scores = grouped.max(dim=-1).values
     best = torch.topk(group_scores, spec.topk_group, dim=-1).indices
     mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-    return choice.masked_fill(~mask.repeat_interleave(experts // spec.n_group, dim=1), 0.0)
+    fill = float("-inf") if spec.topk_method == "noaux_tc" else 0.0
+    return choice.masked_fill(~mask.repeat_interleave(experts // spec.n_group, dim=1), fill)
 
 
 class MoEBlock:
@@ -100,6 +102,10 @@ class MoEBlock:
         self.shared_gate = getattr(self.module, family.shared_gate_attr) if family.shared_gate_attr else None
         self.spec = family.router(config)
         self.num_experts = int(self.router.weight.shape[0])
+
+    def _layout(self, flag: str, default: bool) -> bool:
+        """The experts' layout flag: the family's declaration, else the experts module's own attribute."""
+        return self.family.experts_layout.get(flag, getattr(self.experts, flag, default))
 
     # -- routing ----------------------------------------------------------------------------------------
 
@@ -154,7 +160,8 @@ class MoEBlock:
             shared = self.shared_output(flat)
             callback(hidden_states=flat, routing=routing, expert_outputs=outputs, routed_output=routed,
                      shared_output=shared)
-            return (routed if shared is None else routed + shared).view(shape)
+            out = (routed if shared is None else routed + shared).view(shape)
+            return (out, routing.weights) if self.family.block_returns_tuple else out
 
         module.forward = forward
 
@@ -168,19 +175,19 @@ class MoEBlock:
     def expert_weights(self, expert: int) -> ExpertWeights:
         """Views of routed expert `expert`'s weights (no copy)."""
         ex = self.experts
-        transposed = getattr(ex, "is_transposed", False)
+        transposed = self._layout("is_transposed", False)
 
         def linear_view(tensor):  # [out, in] whichever way it is stored
             return tensor.T if transposed else tensor
 
         down = linear_view(ex.down_proj[expert])
-        down_bias = ex.down_proj_bias[expert] if getattr(ex, "has_bias", False) else None
-        if not getattr(ex, "has_gate", True):
-            up_bias = ex.up_proj_bias[expert] if getattr(ex, "has_bias", False) else None
+        down_bias = ex.down_proj_bias[expert] if self._layout("has_bias", False) else None
+        if not self._layout("has_gate", True):
+            up_bias = ex.up_proj_bias[expert] if self._layout("has_bias", False) else None
             return ExpertWeights(None, linear_view(ex.up_proj[expert]), down, None, up_bias, down_bias)
         gate_up = linear_view(ex.gate_up_proj[expert])  # [2I, H]
-        bias = ex.gate_up_proj_bias[expert] if getattr(ex, "has_bias", False) else None
-        if getattr(ex, "is_concatenated", True):
+        bias = ex.gate_up_proj_bias[expert] if self._layout("has_bias", False) else None
+        if self._layout("is_concatenated", True):
             half = gate_up.shape[0] // 2
             parts = (gate_up[:half], gate_up[half:]), (None, None) if bias is None else (bias[:half], bias[half:])
         else:
@@ -191,13 +198,13 @@ class MoEBlock:
     def expert_activation(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """What routed expert `expert` feeds its down projection for tokens `x` [n, H]: [n, I]."""
         ex = self.experts
-        transposed = getattr(ex, "is_transposed", False)
-        name = "gate_up_proj" if getattr(ex, "has_gate", True) else "up_proj"
+        transposed = self._layout("is_transposed", False)
+        name = "gate_up_proj" if self._layout("has_gate", True) else "up_proj"
         weight = getattr(ex, name)[expert]
         projected = x @ weight if transposed else F.linear(x, weight)
-        if getattr(ex, "has_bias", False):
+        if self._layout("has_bias", False):
             projected = projected + getattr(ex, f"{name}_bias")[expert]
-        return ex._apply_gate(projected) if getattr(ex, "has_gate", True) else ex.act_fn(projected)
+        return ex._apply_gate(projected) if self._layout("has_gate", True) else ex.act_fn(projected)
 
     def routed_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.experts.parameters())
@@ -213,7 +220,8 @@ class MoEBlock:
 
 def _weights_dtype(spec, x: torch.Tensor) -> torch.dtype:
     """The dtype the family's router hands its weights to the experts in (fp32 for fp32 routers)."""
-    return torch.float32 if spec.logits_fp32 else x.dtype
+    fp32 = spec.logits_fp32 if spec.weights_fp32 is None else spec.weights_fp32
+    return torch.float32 if fp32 else x.dtype
 
 
 def moe_blocks(family, config: Mapping, model: torch.nn.Module) -> dict[int, MoEBlock]:

@@ -1,8 +1,10 @@
-"""Qwen2-MoE (``qwen2_moe``) and Qwen3-MoE (``qwen3_moe``: Qwen3-30B-A3B, 235B-A22B), run by transformers.
+"""Qwen2-MoE (``qwen2_moe``), Qwen3-MoE (``qwen3_moe``: Qwen3-30B-A3B, 235B-A22B) and Qwen3-Next (``qwen3_next``:
+Qwen3-Next-80B-A3B), run by transformers.
 
 MoE layers: ``layer not in mlp_only_layers and num_experts > 0 and (layer + 1) % decoder_sparse_step == 0``;
-routing: logits in the model's dtype, softmax in fp32, top-k, renormalised when ``norm_topk_prob``. Qwen2-MoE adds
-a shared expert whose output is scaled by sigmoid(``shared_expert_gate``).
+routing: logits in the model's dtype, softmax in fp32, top-k, renormalised when ``norm_topk_prob``. Qwen2-MoE and
+Qwen3-Next add a shared expert whose output is scaled by sigmoid(``shared_expert_gate``); Qwen3-Next's hybrid
+linear / full attention layers are left as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class Qwen2MoEFamily(_QwenMoEFamily):
     shared_gate_attr = "shared_expert_gate"
     vllm_architectures = ("Qwen2MoeForCausalLM",)
     vllm_per_layer_architecture = "Qwen2MoeForCausalLMPerLayer"
+
+
+class Qwen3NextFamily(_QwenMoEFamily):
+    name = "qwen3_next"
+    model_types = ("qwen3_next",)
+    shared_attrs = ("shared_expert",)
+    shared_gate_attr = "shared_expert_gate"
+    vllm_architectures = ("Qwen3NextForCausalLM",)
 
 
 class Qwen3MoEFamily(_QwenMoEFamily):

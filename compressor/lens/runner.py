@@ -176,7 +176,7 @@ def lens_model(model: str, sources: dict[str, str], options: LensOptions | None 
     identity = ModelIdentity(
         source=model, revision=revision, family=family.name, config_hash=config_hash(config, family.top_k_key), moe_layers=moe_layers,
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in moe_layers},
-        top_k=family.top_k(config))
+        top_k=family.top_k(config), expert_groups=family.expert_groups(config))
     settings = LensSettings(max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
                             dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=options.layerwise,
                             world_size=dist.world)

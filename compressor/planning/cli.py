@@ -47,15 +47,22 @@ def plan() -> None:
 @click.option("--top-k", type=int, default=1, show_default=True, help="experts per token in the output")
 @click.option("--compensation", default="distill", show_default=True, metavar="|".join(COMPENSATIONS),
               help="recorded in the plan; export may override it")
+@click.option("--keep-groups", type=int, default=None,
+              help="uniform, group-limited routers: expert groups kept per layer, those of highest total score "
+                   "(the output routes over that many) [default: all]")
+@click.option("--ungroup", is_flag=True,
+              help="group-limited routers: the output routes by plain top-k (one expert group), so any strategy may "
+                   "keep unequal numbers per expert group [default: keep every group's count equal]")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 def make(profile_path, output, strategy, keep, keep_fraction, coverage, min_keep, max_keep, criterion, domains,
-         protect, top_k, compensation, overwrite):
+         protect, top_k, compensation, keep_groups, ungroup, overwrite):
     """Make a plan from PROFILE.json (written by `moe-compress profile`)."""
     checked_output_path(output, overwrite)
     options = PlanOptions(
         strategy=strategy, keep=keep, keep_fraction=keep_fraction, coverage=coverage, min_keep=min_keep,
         max_keep=max_keep, criterion=criterion, domains=parse_domains(domains),
-        protect=parse_protect(",".join(protect)), top_k=top_k, compensation=compensation,
+        protect=parse_protect(",".join(protect)), top_k=top_k, compensation=compensation, ungroup=ungroup,
+        keep_groups=keep_groups,
     )
     profile = Profile.load(profile_path)
     result = make_plan(profile, options)

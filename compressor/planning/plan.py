@@ -52,6 +52,8 @@ class Plan(_Strict):
     model: ModelIdentity
     top_k: int = Field(description="experts each token is routed to in the output")
     compensation: Literal["none", "renorm", "scale", "refit", "distill"] = "distill"
+    ungroup: bool = Field(False, description="rewrite a group-limited router to plain top-k (any expert choice is "
+                                             "then valid)")
     layers: dict[str, LayerPlan]
     strategy: StrategyRecord | None = None
     profile_hash: str | None = Field(None, description="Profile.content_hash() of the profile the plan came from")
@@ -190,6 +192,6 @@ def check_plan_matches(plan: Plan, config: Mapping, family) -> dict[int, list[in
     problem = plan_problem(plan)  # plans edited in memory after validation
     if problem:
         raise UserError(f"{label}: {problem}")
-    return family.check_kept(config, plan.kept(), plan.top_k)
+    return family.check_kept(family.ungrouped(config) if plan.ungroup else config, plan.kept(), plan.top_k)
 
 

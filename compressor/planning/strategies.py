@@ -36,6 +36,8 @@ class PlanOptions:
     protect: dict[int, set[int]] = field(default_factory=dict)  # layer -> expert ids always kept
     top_k: int = 1
     compensation: str = "distill"
+    ungroup: bool = False  # rewrite a group-limited router to plain top-k (so groups need not stay balanced)
+    keep_groups: int | None = None  # uniform on a group-limited router: expert groups kept per layer (default: all)
 
 
 def parse_domains(text: str | None) -> dict[str, float] | None:
@@ -99,17 +101,29 @@ def make_plan(profile: Profile, options: PlanOptions) -> Plan:
     scores = expert_scores(profile, options.criterion, domains)
 
     min_keep = options.min_keep if options.min_keep is not None else options.top_k
+    groups = None if options.ungroup else profile.model.expert_groups
+    if options.keep_groups is not None and groups is None:
+        raise UserError("--keep-groups applies to group-limited routers, which this model's is not"
+                        + (" once --ungroup rewrites it" if options.ungroup else ""))
+    if groups is not None and options.strategy != "uniform":
+        raise UserError(f"--strategy {options.strategy} keeps different numbers of experts per expert group, but "
+                        f"this model's router picks experts from the best {groups.chosen} of {groups.count} groups, "
+                        "which must stay equal; use --strategy uniform, or --ungroup (plain top-k routing)")
     if options.strategy == "uniform":
-        keep, parameters = _uniform(scores, counts, options)
+        keep, parameters = _uniform(scores, counts, options, groups)
     elif options.strategy == "coverage":
         keep, parameters = _coverage(scores, counts, options, min_keep)
     else:
         keep, parameters = _global(scores, counts, options, min_keep)
 
     for layer in layers:
-        if options.top_k > len(keep[layer]):
+        kept_groups = (options.keep_groups or groups.count) if groups is not None else 1
+        open_groups = min(groups.chosen, kept_groups) if groups is not None else 1
+        reachable = open_groups * len(keep[layer]) // kept_groups
+        if options.top_k > reachable:
+            where = "" if groups is None else f" in the {open_groups} groups open to a token"
             raise UserError(
-                f"--top-k {options.top_k} exceeds the {len(keep[layer])} experts kept in layer {layer}; "
+                f"--top-k {options.top_k} exceeds the {reachable} experts kept{where} in layer {layer}; "
                 "lower --top-k or keep more experts"
             )
     parameters = {
@@ -123,6 +137,7 @@ def make_plan(profile: Profile, options: PlanOptions) -> Plan:
         model=profile.model.model_copy(deep=True),
         top_k=options.top_k,
         compensation=options.compensation,
+        ungroup=options.ungroup,
         layers={str(layer): LayerPlan(keep=sorted(keep[layer])) for layer in layers},
         strategy=StrategyRecord(name=options.strategy, parameters=parameters),
         profile_hash=profile.content_hash(),
@@ -211,33 +226,72 @@ def predicted_coverage(profile: Profile, keep: dict[int, list[int]]) -> dict[str
 # -- strategies ------------------------------------------------------------------------------------
 
 
-def _uniform(scores, counts, options: PlanOptions):
+def _uniform(scores, counts, options: PlanOptions, groups=None):
+    """The same number of experts per layer; with expert `groups`, the same number in each kept group (the best of
+    each; the `options.keep_groups` groups of highest total score, or all)."""
     smallest = min(counts.values())
+    parts = (options.keep_groups or groups.count) if groups is not None else 1
+    if groups is not None and not 1 <= parts <= groups.count:
+        raise UserError(f"--keep-groups {parts}: this model's router has {groups.count} expert groups per layer")
     if options.keep is not None:
         keep_n = options.keep
         source = f"--keep {keep_n}"
     else:
         fraction = options.keep_fraction if options.keep_fraction is not None else DEFAULT_KEEP_FRACTION
-        keep_n = max(1, _round_half_up(_exact(fraction) * smallest))
+        keep_n = parts * max(1, _round_half_up(_exact(fraction) * smallest / parts))
         source = f"--keep-fraction {fraction:g}"
     for layer, count in counts.items():
         if keep_n > count:
             raise UserError(f"{source} keeps {keep_n} experts per layer, but layer {layer} has only {count}")
+    if groups is not None:
+        why = f"this model's router picks experts from the best {groups.chosen} of {groups.count} expert groups"
+        if keep_n % parts or keep_n // parts < groups.min_kept:
+            raise UserError(f"{source}: {why}, so every kept group keeps the same number of experts, at least "
+                            f"{groups.min_kept}: keep a multiple of {parts} of at least {parts * groups.min_kept}, "
+                            "or plan with --ungroup (plain top-k routing)")
+        if keep_n // parts > smallest // groups.count:
+            raise UserError(f"{source}: {keep_n // parts} experts in each of {parts} groups, but a group has only "
+                            f"{smallest // groups.count}; keep fewer experts or more groups")
     keep = {}
     for layer, layer_scores in scores.items():
-        keep[layer] = _fill(layer, layer_scores, options.protect.get(layer, set()), keep_n)
+        protected = options.protect.get(layer, set())
+        if groups is None:
+            keep[layer] = _fill(layer, layer_scores, protected, keep_n)
+            continue
+        size = counts[layer] // groups.count
+        chosen = sorted(_best_groups(layer, layer_scores, size, protected, parts))
+        keep[layer] = [expert for group in chosen for expert in _fill(
+            layer, layer_scores[group * size:(group + 1) * size],
+            {e - group * size for e in protected if e // size == group}, keep_n // parts, offset=group * size)]
     parameters = {"keep": keep_n}
+    if options.keep_groups is not None:
+        parameters["keep_groups"] = options.keep_groups
     if options.keep is None:
         parameters["keep_fraction"] = options.keep_fraction if options.keep_fraction is not None \
             else DEFAULT_KEEP_FRACTION
     return keep, parameters
 
 
-def _fill(layer: int, layer_scores: list[Fraction], protected: set[int], budget: int) -> list[int]:
-    """Protected experts, then the best-scoring others, up to `budget` experts."""
+def _best_groups(layer: int, layer_scores: list[Fraction], size: int, protected: set[int], count: int) -> list[int]:
+    """The `count` expert groups (of `size` contiguous experts) with protected experts, then of highest total score
+    (ties to the lower group)."""
+    must = sorted({e // size for e in protected})
+    if len(must) > count:
+        raise UserError(f"layer {layer}: protected experts lie in {len(must)} expert groups, more than the {count} "
+                        "the plan keeps")
+    totals = [sum(layer_scores[g * size:(g + 1) * size], Fraction(0)) for g in range(len(layer_scores) // size)]
+    rest = [g for g in sorted(range(len(totals)), key=lambda g: (-totals[g], g)) if g not in must]
+    return must + rest[:count - len(must)]
+
+
+def _fill(layer: int, layer_scores: list[Fraction], protected: set[int], budget: int,
+          offset: int | None = None) -> list[int]:
+    """Protected experts, then the best-scoring others, up to `budget` experts. With `offset`, the scores are
+    those of experts offset.. (one expert group), and so are the ids returned."""
     if len(protected) > budget:
+        where = f" of the group {offset}..{offset + len(layer_scores) - 1}" if offset is not None else ""
         raise UserError(
-            f"layer {layer}: {len(protected)} experts are protected, more than the {budget} the plan keeps there"
+            f"layer {layer}: {len(protected)} experts{where} are protected, more than the {budget} the plan keeps there"
         )
     chosen = sorted(protected)
     for expert in _ranked(layer_scores):
@@ -245,7 +299,7 @@ def _fill(layer: int, layer_scores: list[Fraction], protected: set[int], budget:
             break
         if expert not in protected:
             chosen.append(expert)
-    return sorted(chosen)
+    return [(offset or 0) + expert for expert in sorted(chosen)]
 
 
 def _coverage(scores, counts, options: PlanOptions, min_keep: int):
@@ -352,6 +406,9 @@ def check_plan_options(options: PlanOptions) -> None:
         raise UserError(f"--coverage must be in (0, 1] (a share of routing mass, e.g. 0.9), got {options.coverage:g}")
     if options.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {options.top_k}")
+    if options.keep_groups is not None and (options.keep_groups < 1 or options.strategy != "uniform"):
+        raise UserError(f"--keep-groups must be at least 1 and goes with --strategy uniform, got {options.keep_groups}"
+                        f" with --strategy {options.strategy}")
     if options.min_keep is not None and options.min_keep < 1:
         raise UserError(f"--min-keep must be at least 1, got {options.min_keep}")
     if options.min_keep is not None and options.min_keep < options.top_k:

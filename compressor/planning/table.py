@@ -46,7 +46,9 @@ def format_plan_table(plan: Plan, profile: Profile | None = None) -> str:
     criterion = plan.strategy.parameters.get("criterion") if plan.strategy else None
     lines.append(
         f"plan for {plan.model.source} ({plan.model.family}): {strategy}"
-        f"{f' by {criterion}' if criterion else ''}, top-{plan.top_k} routing, compensation {plan.compensation}"
+        f"{f' by {criterion}' if criterion else ''}, top-{plan.top_k} routing"
+        f"{' without expert groups' if plan.ungroup and plan.model.expert_groups else ''}, "
+        f"compensation {plan.compensation}"
     )
     if domains:
         lines.append("(domain columns: % of that domain's routing decisions that land on kept experts; "

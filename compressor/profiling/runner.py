@@ -57,6 +57,7 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
         moe_layers=family.moe_layers(config),
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in family.moe_layers(config)},
         top_k=family.top_k(config),
+        expert_groups=family.expert_groups(config),
     )
     settings = ProfileSettings(
         max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,

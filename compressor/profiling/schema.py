@@ -19,6 +19,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class ExpertGroups(_Strict):
+    """A group-limited router: each token chooses among `chosen` of `count` contiguous expert groups."""
+
+    count: PositiveInt = Field(description="contiguous expert groups per MoE layer")
+    chosen: PositiveInt = Field(description="groups open to each token")
+    min_kept: PositiveInt = Field(description="fewest experts a group can keep")
+
+
 class ModelIdentity(_Strict):
     """Which model a profile (or plan) belongs to."""
 
@@ -29,6 +37,7 @@ class ModelIdentity(_Strict):
     moe_layers: list[NonNegativeInt]
     experts_per_layer: dict[str, PositiveInt]
     top_k: PositiveInt
+    expert_groups: ExpertGroups | None = Field(None, description="the router's expert groups (None: no groups)")
 
 
 class SourceDescription(_Strict):

@@ -1,0 +1,37 @@
+"""gpt-oss (model_type ``gpt_oss``: gpt-oss-20b, gpt-oss-120b in bf16), run by transformers' ``GptOssForCausalLM``.
+
+Every layer MoE (``mlp``: ``router`` + ``experts``), ``num_local_experts`` experts. Router: logits in the model's
+dtype with a logit bias, top-k on the logits, softmax over the chosen. Experts stored fused on disk and in memory,
+input-major (``gate_up_proj`` [E, H, 2I] with gate and up interleaved, ``down_proj`` [E, I, H]) with biases, and a
+clamped SwiGLU (the experts module's own ``_apply_gate``); the block returns (hidden states, router scores).
+MXFP4 checkpoints (``*_blocks`` / ``*_scales``) are not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from compressor.errors import UserError
+from compressor.families.base import FamilyAdapter, RouterSpec
+
+
+class GptOssFamily(FamilyAdapter):
+    name = "gpt_oss"
+    model_types = ("gpt_oss",)
+    expert_count_key = "num_local_experts"
+    router_attr = "router"
+    experts_layout = {"is_transposed": True, "is_concatenated": False, "has_bias": True, "has_gate": True}
+    block_returns_tuple = True
+    vllm_architectures = ("GptOssForCausalLM",)
+
+    def is_moe_layer(self, config: Mapping, layer: int) -> bool:
+        return 0 <= layer < self.num_layers(config)
+
+    def router(self, config: Mapping) -> RouterSpec:
+        return RouterSpec(scoring="softmax", top_k=self.top_k(config), renormalize=False, softmax_after_topk=True)
+
+    def compensation_config(self, config, compensation: str) -> dict:
+        if compensation == "renorm":
+            raise UserError("gpt-oss takes a softmax over the chosen experts, so their weights always sum to 1 and "
+                            "'renorm' is what 'none' already does; use none or a fitted mode")
+        return {}
