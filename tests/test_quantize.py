@@ -225,8 +225,9 @@ def _one_line_error(code, err, *fragments):
 
 
 @pytest.mark.slow
-def test_bad_input_is_one_line_and_writes_nothing(outputs, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(outputs, tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "out"
+    rows = _held_out(tmp_path_factory.mktemp("rows") / "code.jsonl")
     cases = [
         (["quantize", outputs["pruned"], "-o", out, "--scheme", "int3"], ("unknown scheme 'int3'", "w4a16")),
         (["quantize", REFERENCE, "-o", out, "--scheme", "w4a16"], ("not a moe-compress output",)),
@@ -237,6 +238,9 @@ def test_bad_input_is_one_line_and_writes_nothing(outputs, tmp_path, capsys):
         (["quantize", outputs["pruned"], "-o", out, "--scheme", "w4a16", "--no-validate", "--min-cosine", "0.9"],
          ("--no-validate",)),
         (["quantize", outputs["pruned"], "-o", outputs["pruned"] / "q", "--scheme", "w4a16"], ("inside it",)),
+        (["profile", "run", outputs["w4a16"], "-d", f"code={rows}", "-o", out],
+         ("quantized output (compressed-tensors)", "unquantized model")),
+        (["inspect", outputs["w4a16"]], ("quantized output (compressed-tensors)",)),
     ]
     for argv, fragments in cases:
         code, _, err = run_cli(argv, capsys)

@@ -77,7 +77,9 @@ class Checkpoint:
 def open_checkpoint(directory: Path, quantized: bool = False) -> Checkpoint:
     """Open a checkpoint directory and check that its config and tensors make a model of a supported family
     (UserError, one line, otherwise). Reads headers only. `quantized`: a compressed-tensors checkpoint (its
-    `quantization_config` present) is accepted without the tensor check (its weights are stored packed)."""
+    `quantization_config` present) is accepted without the tensor check (its weights are stored packed); refused
+    otherwise."""
+    from compressor.families import quantization
     from compressor.families.layout import CheckpointLayout
     from compressor.io import CheckpointReader
 
@@ -86,8 +88,12 @@ def open_checkpoint(directory: Path, quantized: bool = False) -> Checkpoint:
         config = reader.config
         family = detect_family(config)
         family.check_config(config)
+        packed = quantization.method(config) == quantization.COMPRESSED_TENSORS
+        if packed and not quantized:
+            raise UserError(f"{directory} is a quantized output (compressed-tensors): validate or serve it; profile, "
+                            "plan, export and quantize read the unquantized model")
         layout = CheckpointLayout(family, config, reader.names())
-        if not (quantized and "quantization_config" in config):
+        if not packed:
             layout.validate(reader)
     except BaseException:
         reader.close()

@@ -24,13 +24,17 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 MXFP4_PARTS = ("_blocks", "_scales")
 
 
+COMPRESSED_TENSORS = "compressed-tensors"  # `moe-compress quantize` outputs: validated and served, not compressed
+
+
 def method(config: Mapping) -> str | None:
-    """``fp8``, ``mxfp4`` or None (unquantized) for a checkpoint's config.json; UserError for other methods."""
+    """``fp8``, ``mxfp4``, ``compressed-tensors`` or None (unquantized) for a checkpoint's config.json; UserError
+    for other methods."""
     quantization = config.get("quantization_config")
     if not quantization:
         return None
     name = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization
-    if name not in ("fp8", "mxfp4"):
+    if name not in ("fp8", "mxfp4", COMPRESSED_TENSORS):
         raise UserError(f"config.json: quantization_config method {name!r} is not supported; moe-compress reads "
                         "unquantized checkpoints, fine-grained FP8 (quant_method fp8 with weight_block_size) and "
                         "gpt-oss's MXFP4")

@@ -21,7 +21,7 @@ from compressor import __version__
 from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
-from compressor.families import open_checkpoint
+from compressor.families import open_checkpoint, quantization
 from compressor.io.resolve import resolve_model
 from compressor.runtime import (
     CheckpointTensors, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
@@ -179,7 +179,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir, quantized=True)
-    if options.layerwise and "quantization_config" in checkpoints[1].config:
+    if options.layerwise and quantization.method(checkpoints[1].config) == quantization.COMPRESSED_TENSORS:
         raise UserError(f"{compressed} is quantized: validate it whole (without --layerwise)")
     configs = checkpoints[0].config, checkpoints[1].config
     _check_related(original_dir, compressed_dir, *configs)
