@@ -194,7 +194,7 @@ def _identity(source: Path) -> dict:
 
     config = json.loads((source / "config.json").read_text())
     family = detect_family(config)
-    return {"source": str(source), "family": family.name, "config_hash": config_hash(config),
+    return {"source": str(source), "family": family.name, "config_hash": config_hash(config, family.top_k_key),
             "moe_layers": family.moe_layers(config),
             "experts_per_layer": {str(layer): family.num_experts(config, layer) for layer in family.moe_layers(config)},
             "top_k": family.top_k(config)}

@@ -68,7 +68,7 @@ def stand_in(original: Path, scratch: Path) -> Path:
         config = reader.config
     family = detect_family(config)
     layers = family.moe_layers(config)
-    identity = ModelIdentity(source=str(original), family=family.name, config_hash=config_hash(config),
+    identity = ModelIdentity(source=str(original), family=family.name, config_hash=config_hash(config, family.top_k_key),
                              moe_layers=layers, top_k=family.top_k(config),
                              experts_per_layer={str(l): family.num_experts(config, l) for l in layers})
     plan = Plan(model=identity, top_k=1, compensation="renorm",
