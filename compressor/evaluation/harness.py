@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor.errors import UserError
+from compressor.gates import parse_limits
 
 SHIPPED_TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -197,17 +198,7 @@ def parse_task_gate(text: str | None) -> float | dict[str, float] | None:
     if text is None:
         return None
     usage = f"--max-task-drop {text!r}: give a number (0.02) or TASK=NUMBER,... (demo_math_answer=0.02)"
-    try:
-        if "=" not in text:
-            return check_task_gate(float(text))
-        gate = {}
-        for name, value in (part.split("=", 1) for part in text.split(",")):
-            if not name.strip() or name.strip() in gate:
-                raise ValueError
-            gate[name.strip()] = float(value)
-    except ValueError:
-        raise UserError(usage) from None
-    return check_task_gate(gate)
+    return check_task_gate(parse_limits(text, usage))
 
 
 def check_task_gate(gate):

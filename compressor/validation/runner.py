@@ -22,6 +22,7 @@ from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
 from compressor.families import open_checkpoint, quantization
+from compressor.gates import parse_limits
 from compressor.io.resolve import resolve_model
 from compressor.runtime import (
     CheckpointTensors, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
@@ -128,17 +129,7 @@ def parse_ppl_gate(text: str | None) -> float | dict[str, float] | None:
     if text is None:
         return None
     usage = f"--max-ppl-increase {text!r}: give a number (0.05) or NAME=NUMBER,... (code=0.05,english=0.5)"
-    try:
-        if "=" not in text:
-            return check_ppl_gate(float(text))
-        gate = {}
-        for name, value in (part.split("=", 1) for part in text.split(",")):
-            if not name.strip() or name.strip() in gate:
-                raise ValueError
-            gate[name.strip()] = float(value)
-    except ValueError:
-        raise UserError(usage) from None
-    return check_ppl_gate(gate)
+    return check_ppl_gate(parse_limits(text, usage))
 
 
 def check_ppl_gate(gate):

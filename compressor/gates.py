@@ -1,0 +1,21 @@
+"""Gate limits as the command line gives them: one number for every name, or NAME=NUMBER,... for some."""
+
+from __future__ import annotations
+
+from compressor.errors import UserError
+
+
+def parse_limits(text: str, usage: str) -> float | dict[str, float]:
+    """'0.05' -> 0.05; 'code=0.05,math=0.1' -> {'code': 0.05, 'math': 0.1}; UserError(usage) for anything else
+    (an empty or repeated name, a value that is not a number). Range checks are the caller's."""
+    try:
+        if "=" not in text:
+            return float(text)
+        limits = {}
+        for name, value in (part.split("=", 1) for part in text.split(",")):
+            if not name.strip() or name.strip() in limits:
+                raise ValueError
+            limits[name.strip()] = float(value)
+    except ValueError:
+        raise UserError(usage) from None
+    return limits
