@@ -81,12 +81,9 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "
                f"compensation {result.compensation}")
     if result.validation is not None:
-        from compressor.validation.cli import summary_table
+        from compressor.validation.cli import echo_output_validation
 
-        click.echo(summary_table(result.validation))
-        if not result.validation.passed:
-            click.echo("validation FAILED (the output is written and its model card says so):\n  "
-                       + "\n  ".join(result.validation.failures), err=True)
+        echo_output_validation(result.validation)
     if not plan.is_uniform():
         from compressor.planning import non_uniform_note
 

@@ -57,10 +57,7 @@ def quantize(source, output, scheme, group_size, max_shard_size, overwrite, no_v
     click.echo(f"wrote {result.output}: {result.scheme}, {result.quantized} weights quantized, "
                f"{result.bytes / 2**20:.1f} MiB (was {result.source_bytes / 2**20:.1f} MiB)")
     if result.validation is not None:
-        from compressor.validation.cli import summary_table
+        from compressor.validation.cli import echo_output_validation
 
-        click.echo(summary_table(result.validation))
-        if not result.validation.passed:
-            click.echo("validation FAILED (the output is written and its model card says so):\n  "
-                       + "\n  ".join(result.validation.failures), err=True)
+        if not echo_output_validation(result.validation):
             sys.exit(1)

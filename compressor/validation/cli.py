@@ -15,6 +15,15 @@ from compressor.validation.plots import write_validation_plots
 from compressor.validation.runner import ValidateOptions, parse_ppl_gate, validate_models
 
 
+def echo_output_validation(report) -> bool:
+    """Print the validation of a written output (export, quantize) and whether it failed; True when it passed."""
+    click.echo(summary_table(report))
+    if not report.passed:
+        click.echo("validation FAILED (the output is written and its model card says so):\n  "
+                   + "\n  ".join(report.failures), err=True)
+    return report.passed
+
+
 def summary_table(report) -> str:
     lines = []
     if report.domains:
