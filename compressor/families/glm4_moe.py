@@ -15,6 +15,7 @@ class Glm4MoeFamily(DeepseekV3Family):
     name = "glm4_moe"
     model_types = ("glm4_moe",)
     vllm_architectures = ("Glm4MoeForCausalLM",)
+    vllm_per_layer_architecture = "Glm4MoeForCausalLMPerLayer"
     vllm_cpu_workaround = None
     vllm_cpu_engine_args = {}
     vllm_routing_keys = {}  # vLLM's GLM-4.5 routes by sigmoid with the selection bias whatever config.json says

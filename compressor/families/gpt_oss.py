@@ -23,6 +23,7 @@ class GptOssFamily(FamilyAdapter):
     experts_layout = {"is_transposed": True, "is_concatenated": False, "has_bias": True, "has_gate": True}
     block_returns_tuple = True
     vllm_architectures = ("GptOssForCausalLM",)
+    vllm_per_layer_architecture = "GptOssForCausalLMPerLayer"
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         return 0 <= layer < self.num_layers(config)

