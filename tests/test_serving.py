@@ -1,9 +1,11 @@
-"""Serving compressed outputs with vLLM: uniform DeepSeekMoE, DeepSeek-V2 and Qwen3-MoE outputs load and generate in
-vLLM without moe-compress's plugin, and their prompt logprobs (fp32) equal moe-compress's transformers implementation on
-the same tokens; outputs with per-layer expert counts of every family (the reference model, tiny random Qwen3-MoE,
-Qwen2-MoE, Mixtral, OLMoE and DeepSeek-V2) do the same in vLLM through the plugin (plugins/vllm); top-1 routing with
-and without renormalisation means the same in both runtimes; the shipped configuration/modeling files run under
-vLLM's transformers as well as ours; `moe-compress serve-check` and its bad-input errors.
+"""Serving compressed outputs with vLLM: uniform DeepSeekMoE, DeepSeek-V2, Qwen3-MoE, DeepSeek-V3 (grouped router),
+GLM-4.5 and gpt-oss outputs load and generate in vLLM without moe-compress's plugin, and their prompt logprobs (fp32)
+equal moe-compress's transformers implementation on the same tokens; outputs with per-layer expert counts of every
+family that has a per-layer architecture (the reference model, tiny random Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE,
+DeepSeek-V2, DeepSeek-V3, GLM-4.5 and gpt-oss) do the same in vLLM through the plugin (plugins/vllm); top-1 routing
+with and without renormalisation means the same in both runtimes; the shipped configuration/modeling files run under
+vLLM's transformers as well as ours; `moe-compress serve-check`, its bad-input errors, and its refusal of the families
+vLLM's CPU build cannot run as we do (MiniMax-M2, ERNIE-4.5, Qwen3-Next).
 
 vLLM lives in its own venv (`.venv-vllm`, made by scripts/setup_vllm.sh with the plugin; $MOE_COMPRESS_VLLM_PYTHON
 overrides the interpreter). Without it the vLLM tests are skipped with a reason naming the script; the bad-input tests
