@@ -69,15 +69,17 @@ def overhead(model_dir: Path, sources: dict, seq_len: int, max_tokens: int, batc
 
 
 def peak_rss(model_dir: Path, sources: dict, layerwise: bool, seq_len: int, max_tokens: int, batch_size: int) -> dict:
-    """Run `profile_model` in a fresh process; its peak RSS and wall time."""
+    """Run `profile_model` in a fresh process; its peak RSS (VmHWM: ru_maxrss would include this process's peak,
+    which Linux carries over fork and exec) and wall time."""
     code = f"""
-import json, resource, sys, time
+import json, re, sys, time
+from pathlib import Path
 from compressor.profiling.runner import ProfileOptions, profile_model
 start = time.perf_counter()
 profile_model({str(model_dir)!r}, {sources!r}, ProfileOptions(max_tokens={max_tokens}, seq_len={seq_len},
               batch_size={batch_size}, layerwise={layerwise}, progress=False))
-print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+peak_kib = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
+print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
