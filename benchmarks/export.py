@@ -1,15 +1,18 @@
 """Export speed and memory on a checkpoint with a real model's widths and tensor layout.
 
-    python benchmarks/export.py [--model deepseek-moe-16b|qwen3-30b-a3b] [--layers 4] [--keep-fraction 0.5]
+    python benchmarks/export.py [--model deepseek-moe-16b|qwen3-30b-a3b|deepseek-v3] [--layers 4] [--keep-fraction 0.5]
 
-Generates a random bf16 checkpoint (benchmarks/synthetic.py: DeepSeekMoE-16B's hidden 2048, 64 experts x 1408,
-2 shared, vocab 102400, layer 0 dense; or Qwen3-30B-A3B's 128 experts x 768, vocab 151936; several shards), then
-measures, each in a fresh process, wall time and peak RSS of:
-  1. `moe-compress export` (uniform plan keeping --keep experts per layer, top-1, compensation none);
+Generates a random checkpoint (benchmarks/synthetic.py: bf16 with DeepSeekMoE-16B's hidden 2048, 64 experts x 1408,
+2 shared, vocab 102400, layer 0 dense; or Qwen3-30B-A3B's 128 experts x 768, vocab 151936; or FP8 with block
+scales at DeepSeek-V3's hidden 7168, 256 experts x 2048 in 8 groups, vocab 129280, layer 0 dense; 2 GB shards,
+which cut through a V3 MoE layer of 11 GB), then measures, each in a fresh process, wall time and peak RSS of:
+  1. `moe-compress export` (uniform plan keeping --keep-fraction of each layer's experts, top-1, compensation none;
+     for a group-limited router such as V3's, the first --keep-fraction of every group, as the router requires);
   2. the baseline: a kernel copy (copy_file_range, as cp does) of exactly the bytes export keeps, from the same
      source files, one fsync'ed file per output shard — the same bytes from the same state;
   3. `cp -r` of the exported output, alone and followed by `sync` (for reference);
-  4. transformers: load the model + drop the experts + `save_pretrained` (the naive path, once).
+  4. transformers: load the model + drop the experts + `save_pretrained` (the naive path, once; skipped for FP8
+     checkpoints, which transformers dequantizes or refuses without a GPU, and with --no-naive).
 Export, baseline and cp alternate their order over --repeats rounds; before every timed run the page cache is
 dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`, where permitted; the script says when it is not), so each run
 reads cold files. Targets: export <= 1.3x the baseline, export peak RSS < 1 GiB whatever the checkpoint size.
@@ -132,6 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-fraction", type=float, default=0.5, help="share of each layer's experts kept")
     parser.add_argument("--workdir", type=Path, default=None, help="where to put the GBs (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement")
+    parser.add_argument("--no-naive", action="store_true", help="skip transformers' load + prune + save")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="moe-bench-export-", dir=args.workdir) as tmp:
@@ -144,9 +148,10 @@ def main(argv=None) -> int:
               f"({time.perf_counter() - start:.0f} s)")
         identity = _identity(source)
         experts = max(identity["experts_per_layer"].values())
-        keep = max(1, round(args.keep_fraction * experts))
+        kept = kept_experts(config, experts, args.keep_fraction)
+        keep = len(kept)
         plan = {"format_version": 1, "tool_version": "benchmark", "top_k": 1, "compensation": "none",
-                "model": identity, "layers": {str(layer): {"keep": list(range(keep))} for layer in identity["moe_layers"]}}
+                "model": identity, "layers": {str(layer): {"keep": kept} for layer in identity["moe_layers"]}}
         (tmp / "plan.json").write_text(json.dumps(plan))
 
         export = [sys.executable, "-m", "compressor", "export", str(source), str(tmp / "plan.json"),
@@ -176,7 +181,9 @@ def main(argv=None) -> int:
                 cold = drop_caches() and cold
                 results[label].append(measure(command))
                 shutil.rmtree(produced)
-        naive = measure([sys.executable, "-c", _NAIVE, str(source), str(tmp / "naive"), str(keep)])
+        quantized = "quantization_config" in config
+        naive = None if args.no_naive or quantized else measure(
+            [sys.executable, "-c", _NAIVE, str(source), str(tmp / "naive"), str(keep)])
 
     print(f"\noutput: {out_size / 2**30:.2f} GiB ({keep} of {experts} experts kept per MoE layer, top-1); "
           f"{args.repeats} rounds, order alternated, "
@@ -187,15 +194,34 @@ def main(argv=None) -> int:
         seconds = [s for s, _ in runs]
         median = statistics.median(seconds)
         print(f"{label:42} {min(seconds):7.1f} {median:9.1f} {median / baseline:11.2f} {max(r for _, r in runs):13.0f}")
-    print(f"{'load + prune + save_pretrained (once)':42} {naive[0]:7.1f} {naive[0]:9.1f} {naive[0] / baseline:11.2f} "
-          f"{naive[1]:13.0f}")
+    if naive is not None:
+        print(f"{'load + prune + save_pretrained (once)':42} {naive[0]:7.1f} {naive[0]:9.1f} "
+              f"{naive[0] / baseline:11.2f} {naive[1]:13.0f}")
     ours = statistics.median(s for s, _ in results["moe-compress export"])
     rss = max(r for _, r in results["moe-compress export"])
     print(f"(of the export's time, {startup[0]:.1f} s is start-up: Python, torch and transformers' config and "
           "conversion modules imported, the source's config checked)")
+    cp = statistics.median(s for s, _ in results["cp -r of the output"])
+    cp_sync = statistics.median(s for s, _ in results["cp -r of the output + sync"])
     print(f"\ntargets: export <= 1.3x baseline -> {ours / baseline:.2f}x, {'met' if ours <= 1.3 * baseline else 'NOT met'};"
-          f" peak RSS < 1024 MiB -> {rss:.0f}, {'met' if rss < 1024 else 'NOT met'}")
+          f" peak RSS < 1024 MiB -> {rss:.0f}, {'met' if rss < 1024 else 'NOT met'}"
+          f"\n(export = {ours / cp:.2f}x `cp -r`, {ours / cp_sync:.2f}x `cp -r` + `sync`)")
     return 0
+
+
+def kept_experts(config: dict, experts: int, fraction: float) -> list[int]:
+    """The experts the benchmark's plan keeps in each MoE layer: the first `fraction` of them, or, for a
+    group-limited router (DeepSeek-V3's n_group / topk_group), the first `fraction` of every group (at least the
+    router's minimum per group), listed group by group, as the export requires."""
+    from compressor.families import detect_family
+
+    router = detect_family(config).router(config)
+    if not router.grouped:
+        return list(range(max(1, round(fraction * experts))))
+    groups = router.n_group
+    size = experts // groups
+    per = max(router.min_kept_per_group, round(fraction * size))
+    return [group * size + i for group in range(groups) for i in range(per)]
 
 
 def _identity(source: Path) -> dict:
