@@ -83,6 +83,7 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = device
+        self._owns_group = False
         if self.world > 1 and device.type == "cuda" and device.index is None:
             # one GPU per rank (torchrun sets LOCAL_RANK), not every rank on the current device
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -92,6 +93,7 @@ class Distributed:
             # the backend must match where the accumulators live (--device cpu on a GPU machine: gloo)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
+            self._owns_group = True
 
     def mine(self, index: int) -> bool:
         return index % self.world == self.rank
@@ -100,6 +102,13 @@ class Distributed:
         if self.world > 1:
             for tensor in tensors:
                 torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+    def close(self) -> None:
+        """Leave the process group this object started, after the last collective (a rank that exits with
+        gloo's threads still running can abort: "terminate called without an active exception")."""
+        if self._owns_group:
+            torch.distributed.destroy_process_group()
+            self._owns_group = False
 
 
 # -- running a model one decoder layer at a time -------------------------------------------------------

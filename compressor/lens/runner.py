@@ -164,11 +164,15 @@ def lens_model(model: str, sources: dict[str, str], options: LensOptions | None 
     work = [(name, batch) for name, rows in sequences.items()
             for index, batch in enumerate(batches(rows, options.batch_size, pad)) if dist.mine(index)]
     run = _run_layerwise if options.layerwise else _run_whole
-    run(checkpoint, work, sums, options, device, dtype, dist)
+    try:
+        run(checkpoint, work, sums, options, device, dtype, dist)
+        for layers in sums.values():
+            dist.all_reduce([t for s in layers.values() for t in s.tensors()])
+    finally:
+        dist.close()
     checkpoint.close()
     domains = {}
     for name, layers in sums.items():
-        dist.all_reduce([t for s in layers.values() for t in s.tensors()])
         first = layers[moe_layers[0]]
         domains[name] = LensDomain(tokens=int(round(float(first.tokens))),
                                    source=SourceDescription(**loaded[name].description()),

@@ -47,7 +47,10 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
     dist = Distributed(device)
     device = dist.device
     run = _run_layerwise if options.layerwise else _run_whole_model
-    domains = run(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id)
+    try:
+        domains = run(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id)
+    finally:
+        dist.close()
     checkpoint.close()
     identity = ModelIdentity(
         source=model,
