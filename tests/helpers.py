@@ -1,8 +1,13 @@
-"""Shared test helpers: run the CLI in-process, a tiny random upstream-format DeepSeekMoE, token-id files."""
+"""Shared test helpers: run the CLI in-process or as one process vs two torchrun ranks, a tiny random
+upstream-format DeepSeekMoE, token-id files."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -50,3 +55,25 @@ def write_jsonl(path: Path, rows: list[list[int]]) -> Path:
     """Pre-tokenized rows (`input_ids`), one sequence per line."""
     path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
     return path
+
+
+def cli_one_and_two_ranks(argv: list, cwd: Path) -> tuple[Path, Path]:
+    """Run `moe-compress ARGV -o one.json` in one process and under torchrun with two CPU ranks (`-o two.json`),
+    both in `cwd`; each must succeed. The two output paths."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [str(a) for a in argv]
+    one, two = cwd / "one.json", cwd / "two.json"
+    single = subprocess.run([sys.executable, "-m", "compressor", *argv, "-o", str(one)],
+                            capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                             str(port), "-m", "compressor", *argv, "-o", str(two)],
+                            capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    return one, two

@@ -33,7 +33,7 @@ from transformers import (
 from compressor.families import detect_family, open_checkpoint
 from compressor.families.moe_block import MoEBlock
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
-from helpers import run_cli, write_jsonl
+from helpers import cli_one_and_two_ranks, run_cli, write_jsonl
 
 HIDDEN, EXPERTS, TOP_K, VOCAB = 32, 8, 2, 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -896,25 +896,9 @@ def test_validate_whole_equals_layerwise_and_serve_check_accepts_uniform(checkpo
 
 @pytest.mark.slow
 def test_torchrun_profile_of_a_native_family_equals_one_process(checkpoints, rows, tmp_path):
-    import os
-    import socket
-
     _, directory = checkpoints["qwen3_moe"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = ["profile", str(directory), "-d", f"r={rows}", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "compressor", *common, "-o", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(port), "-m", "compressor", *common, "-o", str(tmp_path / "two.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    common = ["profile", directory, "-d", f"r={rows}", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
+    a, b = (json.loads(path.read_text()) for path in cli_one_and_two_ranks(common, tmp_path))
     assert (a["settings"]["world_size"], b["settings"]["world_size"]) == (1, 2)
     for layer, stats in a["domains"]["r"]["layers"].items():
         other = b["domains"]["r"]["layers"][layer]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from compressor.lens import LensOptions, LensReport, lens_model
-from helpers import TINY, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, write_jsonl
 
 torch.set_num_threads(1)
 SEQ = 12
@@ -196,27 +196,9 @@ def test_bad_input_is_one_line(models, data, tmp_path, capsys, case):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(models, data, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    common = ["lens", str(models["qwen3"]), "-d", f"a={data['a']}", "-d", f"b={data['b']}", "--seq-len", str(SEQ),
+    common = ["lens", models["qwen3"], "-d", f"a={data['a']}", "-d", f"b={data['b']}", "--seq-len", str(SEQ),
               "--batch-size", "2", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "compressor", *common, "-o", str(tmp_path / "one.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(port), "-m", "compressor", *common, "-o", str(tmp_path / "two.json")],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = (LensReport.load(tmp_path / f"{n}.json") for n in ("one", "two"))
+    a, b = (LensReport.load(path) for path in cli_one_and_two_ranks(common, tmp_path))
     assert (a.settings.world_size, b.settings.world_size) == (1, 2)
     for name, domain in a.domains.items():
         assert b.domains[name].tokens == domain.tokens

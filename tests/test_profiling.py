@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from compressor.profiling.report import concentration, write_profile_report
 from compressor.profiling.schema import (
     DomainProfile, LayerStatistics, ModelIdentity, ProfileSettings, SourceDescription,
 )
-from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import MOE_LAYERS, TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 N_EXPERTS, TOP_K = 8, 3
@@ -418,12 +417,6 @@ def test_load_rejects_unknown_keys(whole, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # 6. Distributed (torchrun, gloo on CPU) equals one process
 # --------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli_env() -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("RANK", None)
@@ -435,17 +428,7 @@ def _cli_env() -> dict:
 def test_torchrun_two_ranks_equals_one_process(ckpt, rows_jsonl, tmp_path):
     common = ["profile", str(ckpt), "-d", f"a={rows_jsonl}", "--seq-len", "16", "--batch-size", "2",
               "--max-tokens", "400"]
-    single, double = tmp_path / "single.json", tmp_path / "double.json"
-    one = subprocess.run([sys.executable, "-m", "compressor", *common, "-o", str(single)],
-                         capture_output=True, text=True, env=_cli_env(), cwd=tmp_path, timeout=300)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-         "-m", "compressor", *common, "-o", str(double)],
-        capture_output=True, text=True, env=_cli_env(), cwd=tmp_path, timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = Profile.load(single), Profile.load(double)
+    a, b = (Profile.load(path) for path in cli_one_and_two_ranks(common, tmp_path))
     assert a.settings.world_size == 1 and b.settings.world_size == 2
     expected_tokens = min(400, sum(min(len(r), 16) for r in json_rows(rows_jsonl)))
     assert a.domains["a"].tokens == b.domains["a"].tokens == expected_tokens
