@@ -373,6 +373,21 @@ def test_writer_rejects_wrong_order_size_and_unfinished_shards(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-00001-of-00002.safetensors"]
 
 
+def test_sharded_writer_syncs_every_shard_once_at_close(tmp_path, monkeypatch):
+    """Shards are fsync'ed together at close, none while later shards are written (that would stall the reads)."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    spec = [TensorSpec("x", torch.float32, (2,)), TensorSpec("y", torch.float16, (3,))]
+    plan = [("model-00001-of-00002.safetensors", spec[:1]), ("model-00002-of-00002.safetensors", spec[1:])]
+    writer = ShardedWriter(tmp_path, plan)
+    writer.write("x", torch.ones(2))
+    writer.write("y", torch.ones(3, dtype=torch.float16))
+    assert synced == []
+    writer.close()
+    assert sorted(synced) == [str(tmp_path / name) for name, _ in plan]
+
+
 def test_write_index_format(tmp_path):
     weight_map = {"b": "model-00002-of-00002.safetensors", "a": "model-00001-of-00002.safetensors"}
     path = write_index(tmp_path, weight_map, 123)

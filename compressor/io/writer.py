@@ -96,6 +96,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class ShardWriter:
     """Write one safetensors file: header at open, then each planned tensor in order via `write`."""
 
@@ -167,8 +175,9 @@ class ShardWriter:
             done += copied
         self._next += 1
 
-    def close(self) -> Path:
-        """Check that everything planned was written, then move the file into place."""
+    def close(self, sync: bool = True) -> Path:
+        """Check that everything planned was written, then move the file into place (fsync'ed first unless
+        `sync` is False: the caller then syncs it, see `ShardedWriter.close`)."""
         if self._file is None:
             return self.path
         if not self.done:
@@ -176,7 +185,8 @@ class ShardWriter:
             self.abort()
             raise ValueError(f"{self.path.name}: {missing} planned tensors were never written")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if sync:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         size = self._tmp.stat().st_size
@@ -209,8 +219,9 @@ class ShardedWriter:
     `shards` is a sequence of ``(filename, [TensorSpec | (name, dtype, shape), ...])``. Call
     `write(name, tensor_or_bytes)` for every planned tensor in order; each shard is opened (header
     written) when its first tensor arrives and moved into place when its last one is written.
-    `close()` writes ``model.safetensors.index.json`` when there is more than one shard (or when
-    `index=True`) and returns the weight map.
+    `close()` fsyncs every shard (all at the end, so that write-back overlaps the reads of later shards), writes
+    ``model.safetensors.index.json`` when there is more than one shard (or when `index=True`) and returns the
+    weight map.
     """
 
     def __init__(
@@ -255,8 +266,8 @@ class ShardedWriter:
 
     def _advance(self) -> None:
         while self._current is None or self._current.done:
-            if self._current is not None:
-                self.written.append(self._current.close())
+            if self._current is not None:  # synced all together in `close`: waiting here would stall the reads
+                self.written.append(self._current.close(sync=False))
                 self._current = None
             self._shard += 1
             if self._shard >= len(self.plan):
@@ -293,6 +304,8 @@ class ShardedWriter:
             self._current = None
             shard.abort()
             raise ValueError(f"{shard.path.name}: planned tensors were never written, starting at {shard.next_name!r}")
+        for path in self.written:
+            _fsync(path)
         if self._write_index:
             write_index(self.directory, self.weight_map, self.total_size)
         return dict(self.weight_map)
