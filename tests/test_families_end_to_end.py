@@ -817,7 +817,6 @@ def mxfp4_reading(directory: Path) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.slow
 def test_mxfp4_fitted_modes_write_their_experts_requantized(rows, tmp_path, capsys, monkeypatch):
     """scale, refit and distill on an MXFP4 source write the fitted experts as new MXFP4 blocks and scales: the
     output loads in transformers (which dequantizes them) and computes what our reading of its tensors does; the

@@ -22,6 +22,8 @@ class GptOssFamily(FamilyAdapter):
     router_attr = "router"
     experts_layout = {"is_transposed": True, "is_concatenated": False, "has_bias": True, "has_gate": True}
     block_returns_tuple = True
+    mxfp4_quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as OpenAI publishes it
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     vllm_architectures = ("GptOssForCausalLM",)
     vllm_per_layer_architecture = "GptOssForCausalLMPerLayer"
 

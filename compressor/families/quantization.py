@@ -5,7 +5,8 @@
   block), ceil(cols / block)]; the weight is ``fp8 * scale`` block by block. Fitted weights are written re-quantized
   (`quantize`).
 - MXFP4 (``quant_method: mxfp4``: gpt-oss): each fused expert parameter ``P`` is stored as ``P_blocks`` and
-  ``P_scales``, expert axis first (`dequantize_mxfp4`). Fitted weights are written re-quantized (`quantize_mxfp4`).
+  ``P_scales``, expert axis first (`dequantize_mxfp4`). Fitted weights are written re-quantized (`quantize_mxfp4`),
+  and `moe-compress quantize --scheme mxfp4` writes bf16 fused experts this way.
 
 Export keeps or drops each expert's tensors together with their scales (raw bytes) and leaves
 ``quantization_config`` as it is; layer-by-layer stages dequantize on the fly. Any other method is refused.
