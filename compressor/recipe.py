@@ -85,7 +85,7 @@ class ValidateStage(_Section):
 
 
 class QuantizeStage(_Section):
-    scheme: Literal["fp8-dynamic", "w8a16", "w4a16"]
+    scheme: Literal["fp8-dynamic", "w8a16", "w4a16", "mxfp4"]
     group_size: int = Field(128, ge=0, description="w8a16/w4a16: input columns per scale; 0: per output channel")
     max_shard_size: str = "5GB"
 

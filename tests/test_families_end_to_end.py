@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import re
 import subprocess
@@ -791,9 +792,6 @@ def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path
     torch.testing.assert_close(got, masked_logits("gpt_oss", dequantized, ragged, 1, ids), rtol=1e-5, atol=1e-5)
 
     refused = tmp_path / "refused"
-    code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate", "--compensation", "scale",
-                            "--calibration", f"r={rows}"], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "re-quantized MXFP4" in err and not refused.exists()
     from safetensors.torch import save_file
 
     scales = "model.layers.1.mlp.experts.down_proj_scales"
@@ -801,6 +799,77 @@ def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path
               metadata={"format": "pt"})
     code, _, err = run_cli(["export", source, plan, "-o", refused, "--no-validate"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and scales in err and not refused.exists(), err
+
+
+def mxfp4_reading(directory: Path) -> torch.nn.Module:
+    """The gpt-oss checkpoint at `directory` built from our reading of its tensors: MXFP4 experts dequantized by
+    `dequantize_mxfp4`, every other tensor as written."""
+    from compressor.families.quantization import dequantize_mxfp4
+
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("quantization_config")
+    model = GptOssForCausalLM(GptOssConfig(**config)).eval()
+    tensors = disk(directory)
+    for blocks in [name for name in tensors if name.endswith("_blocks")]:
+        param = blocks.removesuffix("_blocks")
+        tensors[param] = dequantize_mxfp4(tensors.pop(blocks), tensors.pop(param + "_scales"))
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def test_mxfp4_fitted_modes_write_their_experts_requantized(rows, tmp_path, capsys, monkeypatch):
+    """scale, refit and distill on an MXFP4 source write the fitted experts as new MXFP4 blocks and scales: the
+    output loads in transformers (which dequantizes them) and computes what our reading of its tensors does; the
+    reported error is the fitted weights' against transformers' dequantization of what was written."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from compressor.export.compensation import FittedTensors
+
+    model, source = mxfp4_checkpoint(tmp_path / "mxfp4")
+    keep = keep_for(model)
+    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
+    original = disk(source)
+    popped = {}  # every fitted tensor as the export takes it (the fused experts before re-quantization)
+    pop = FittedTensors.pop
+    monkeypatch.setattr(FittedTensors, "pop", lambda self, name: popped.setdefault(name, pop(self, name)))
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(13))
+    for mode in ("scale", "refit", "distill"):
+        popped.clear()
+        out = tmp_path / mode
+        code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate", "--compensation", mode,
+                                "--calibration", f"r={rows}", "--seq-len", "16", "--device", "cpu",
+                                "--distill-steps", "20"], capsys)
+        assert code == 0, err
+        output = disk(out)
+        assert set(output) == set(original)  # same names (and layout: shapes below)
+        errors = []
+        for layer, kept in keep.items():
+            for part in ("gate_up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{part}"
+                blocks, scales = output[name + "_blocks"], output[name + "_scales"]
+                assert blocks.dtype == scales.dtype == torch.uint8
+                assert blocks.shape == (len(kept), *original[name + "_blocks"].shape[1:])
+                assert scales.shape == (len(kept), *original[name + "_scales"].shape[1:])
+                fitted = popped[name].float()
+                written = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+                errors.append(float((written - fitted).norm() / fitted.norm()))
+            router = f"model.layers.{layer}.mlp.router.weight"
+            assert torch.equal(output[router], original[router][sorted(kept)])
+        report = json.loads((out / "moe_compress_provenance.json").read_text())["fit"]["mxfp4_requantization"]
+        assert report["tensors"] == 6 and 0 < report["max_relative_error"] < 0.2, report
+        assert report["max_relative_error"] == pytest.approx(max(errors), rel=1e-5)
+        assert report["rms_relative_error"] == pytest.approx(math.sqrt(sum(e * e for e in errors) / 6), rel=1e-5)
+        for name, tensor in output.items():  # everything but the MoE blocks as in the source, byte for byte
+            if ".mlp." not in name:
+                assert torch.equal(tensor.view(torch.uint8), original[name].view(torch.uint8)), name
+        if mode == "refit":
+            down = "model.layers.2.mlp.experts.down_proj_blocks"
+            assert not torch.equal(output[down], original[down][sorted(keep[2])])
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # transformers dequantizes
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(input_ids=ids, use_cache=False).logits,
+                                       mxfp4_reading(out)(input_ids=ids, use_cache=False).logits,
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_an_unsupported_quantization_is_refused_in_one_line(checkpoints, tmp_path, capsys):

@@ -134,17 +134,41 @@ def export_checkpoint(model: str, plan, output: Path, options: ExportOptions | N
 
 def _requantize(fitted, specs: dict, layout) -> dict:
     """Fitted weights of FP8 tensors re-quantized (one at a time), stored back with their new block scales; returns
-    the error this adds (relative to each fitted weight, in Frobenius norm: the largest and the root mean square)."""
+    the error this adds (`_error_report`)."""
     from compressor.families.quantization import FP8_DTYPES, dequantize, quantize, scale_name
 
     errors = []
     for name in [n for n in list(fitted.files) if specs[n].dtype in FP8_DTYPES]:
         weight = fitted[name].float()
         quantized, scale = quantize(weight, layout.block, specs[name].dtype)
-        errors.append(float((dequantize(quantized, scale, layout.block) - weight).norm()
-                            / weight.norm().clamp_min(1e-30)))
+        errors.append(_relative_error(dequantize(quantized, scale, layout.block), weight))
         fitted.add_layer(layout.layer_of(name), {name: quantized,
                                                  scale_name(name): scale.to(specs[scale_name(name)].dtype)})
+    return _error_report(errors)
+
+
+def _requantize_mxfp4(fitted, specs: dict, layout) -> dict:
+    """Fitted fused experts parameters of an MXFP4 checkpoint (``P``, one at a time) re-quantized and stored back as
+    its ``P_blocks`` and ``P_scales``; returns the error this adds (`_error_report`)."""
+    from compressor.families.quantization import MXFP4_PARTS, dequantize_mxfp4, quantize_mxfp4
+
+    errors = []
+    for name in [n for n in list(fitted.files) if n + MXFP4_PARTS[0] in specs]:
+        weight = fitted.pop(name).float()
+        blocks, scales = quantize_mxfp4(weight)
+        errors.append(_relative_error(dequantize_mxfp4(blocks, scales), weight))
+        fitted.add_layer(layout.layer_of(name + MXFP4_PARTS[0]), dict(zip((name + p for p in MXFP4_PARTS),
+                                                                          (blocks, scales))))
+    return _error_report(errors)
+
+
+def _relative_error(quantized, weight) -> float:
+    return float((quantized - weight).norm() / weight.norm().clamp_min(1e-30))
+
+
+def _error_report(errors: list[float]) -> dict:
+    """Re-quantization errors relative to each fitted weight, in Frobenius norm: the largest and the root mean
+    square."""
     return {"tensors": len(errors), "max_relative_error": max(errors, default=0.0),
             "rms_relative_error": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0}
 
@@ -163,9 +187,6 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
     kept = plan.kept()
     new_config = family.pruned_config(config, kept, plan.top_k, ungroup=plan.ungroup)
     new_config.update(family.compensation_config(config, compensation))
-    if compensation in FITTED_COMPENSATIONS and source.layout.mxfp4:
-        raise UserError(f"--compensation {compensation} would have to write fitted experts as re-quantized MXFP4 "
-                        "blocks, which moe-compress does not do; use none on this MXFP4 checkpoint")
     if compensation in FITTED_COMPENSATIONS and not options.fit.calibration:
         raise UserError(f"--compensation {compensation} fits on calibration data: pass --calibration NAME=SOURCE")
     check_gates_can_run(options)
@@ -192,9 +213,11 @@ def _export(model: str, plan, output: Path, options: ExportOptions) -> ExportRes
             scratch.mkdir()
             fitted, fit_report = fit_compensation(source, new_config, mapping, [o.name for o in outputs],
                                                   compensation, options.fit, options.run, scratch)
+            specs = {o.name: o.spec for o in outputs}
             if source.layout.block:
-                fit_report["fp8_requantization"] = _requantize(fitted, {o.name: o.spec for o in outputs},
-                                                               source.layout)
+                fit_report["fp8_requantization"] = _requantize(fitted, specs, source.layout)
+            if source.layout.mxfp4:
+                fit_report["mxfp4_requantization"] = _requantize_mxfp4(fitted, specs, source.layout)
         total = sum(o.spec.nbytes for o in outputs)
         writer = ShardedWriter.planned(staging, [o.spec for o in outputs], options.max_shard_bytes,
                                        metadata={"format": "pt"}, index=None)

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from compressor.families.layout import CheckpointLayout
+from compressor.families.quantization import MXFP4_PARTS
 from compressor.io import TensorSpec
 
 
@@ -44,6 +45,9 @@ class TensorMapping:
                         self._per_expert[tensor.name(expert)] = (layer, expert, tensor.template)
                 else:
                     self._sliced[tensor.name()] = (layer, tensor.axis)
+                    for suffix in MXFP4_PARTS if layout.mxfp4 and tensor.name().endswith(MXFP4_PARTS) else ():
+                        # the parameter dequantized from its MXFP4 blocks and scales (layer-by-layer runs)
+                        self._sliced[tensor.name().removesuffix(suffix)] = (layer, tensor.axis)
             for name, axis in layer_layout.router.items():
                 self._sliced[name] = (layer, axis)
 

@@ -104,6 +104,10 @@ class FamilyAdapter:
     # carry transformers' own (gpt-oss's hand-written experts)
     experts_layout: ClassVar[dict] = {}
     block_returns_tuple: ClassVar[bool] = False  # the block returns (hidden states, router scores) (gpt-oss)
+    # the quantization_config of the family's own MXFP4 checkpoints, whose fused experts parameters [E, in, out] are
+    # stored as MXFP4 ``_blocks`` / ``_scales`` (`families.quantization`) and which transformers loads: what
+    # `moe-compress quantize --scheme mxfp4` writes; None: the family has no such format
+    mxfp4_quantization_config: ClassVar[dict | None] = None
     # transformers' classes (module path, class name); None: found through transformers' Auto mappings
     model_class_path: ClassVar[tuple[str, str] | None] = None
     config_class_path: ClassVar[tuple[str, str] | None] = None

@@ -4,7 +4,7 @@ Every layer MoE (``mlp``: ``router`` + ``experts``), ``num_local_experts`` exper
 dtype with a logit bias, top-k on the logits, softmax over the chosen. Experts stored fused on disk and in memory,
 input-major (``gate_up_proj`` [E, H, 2I] with gate and up interleaved, ``down_proj`` [E, I, H]) with biases, and a
 clamped SwiGLU (the experts module's own ``_apply_gate``); the block returns (hidden states, router scores).
-MXFP4 checkpoints (``*_blocks`` / ``*_scales``) are not read.
+OpenAI's MXFP4 checkpoints store the fused experts as ``*_blocks`` / ``*_scales`` (`families.quantization`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class GptOssFamily(FamilyAdapter):
     router_attr = "router"
     experts_layout = {"is_transposed": True, "is_concatenated": False, "has_bias": True, "has_gate": True}
     block_returns_tuple = True
+    mxfp4_quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": [  # as OpenAI publishes it
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     vllm_architectures = ("GptOssForCausalLM",)
     vllm_per_layer_architecture = "GptOssForCausalLMPerLayer"
 

@@ -5,7 +5,8 @@
   block), ceil(cols / block)]; the weight is ``fp8 * scale`` block by block. Fitted weights are written re-quantized
   (`quantize`).
 - MXFP4 (``quant_method: mxfp4``: gpt-oss): each fused expert parameter ``P`` is stored as ``P_blocks`` and
-  ``P_scales``, expert axis first (`dequantize_mxfp4`); fitted modes are refused (no MXFP4 re-quantization).
+  ``P_scales``, expert axis first (`dequantize_mxfp4`). Fitted weights are written re-quantized (`quantize_mxfp4`),
+  and `moe-compress quantize --scheme mxfp4` writes bf16 fused experts this way.
 
 Export keeps or drops each expert's tensors together with their scales (raw bytes) and leaves
 ``quantization_config`` as it is; layer-by-layer stages dequantize on the fly. Any other method is refused.
@@ -90,3 +91,33 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1).flatten(-2)  # [E,out,G,32]
     values = torch.ldexp(values, scales.to(torch.int32)[..., None] - 127)
     return values.flatten(-2).transpose(-1, -2).contiguous()
+
+
+def quantize_mxfp4(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `dequantize_mxfp4`, as the OCP MX spec quantizes: a parameter [E, in, out] (in a multiple of
+    32) -> (blocks [E, out, in / 32, 16], scales [E, out, in / 32]), uint8.
+
+    Each group of 32 input values shares the scale 2^(floor(log2 amax) - 2) (2 is e2m1's largest exponent; an
+    all-zero group gets 2^-127, E8M0 0); its values are rounded to the nearest e2m1 value, ties to even, saturating
+    at 6 (compressed-tensors' `cast_to_fp4`; a value that rounds to zero keeps its sign) and packed two a byte, low
+    nibble first (its `pack_fp4_to_uint8`). A dequantized MXFP4 tensor whose every group holds a 4 or a 6 (as the
+    OCP rule writes them) comes back byte for byte; any MXFP4 tensor comes back value for value. One expert at a
+    time (bounded memory)."""
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+
+    *lead, inputs, outputs = param.shape
+    if inputs % 32:
+        raise ValueError(f"MXFP4 needs an input width that is a multiple of 32, not {inputs}")
+    experts = param.reshape(-1, inputs, outputs)
+    blocks = torch.empty(experts.shape[0], outputs, inputs // 32, 16, dtype=torch.uint8)
+    scales = torch.empty(experts.shape[0], outputs, inputs // 32, dtype=torch.uint8)
+    for expert, weight in enumerate(experts):
+        groups = weight.float().t().unflatten(-1, (-1, 32))  # [out, G, 32]
+        amax = groups.abs().amax(-1)
+        exponent = torch.where(amax > 0, torch.frexp(amax).exponent - 3, -127).clamp(-127, 127)  # frexp: m 2^k, m<1
+        scaled = groups / torch.exp2(exponent.double()).float()[..., None]  # exact: a power of two
+        values = torch.copysign(cast_to_fp4(scaled), scaled)
+        blocks[expert] = pack_fp4_to_uint8(values.reshape(-1, 32)).view(outputs, inputs // 32, 16)
+        scales[expert] = (exponent + 127).to(torch.uint8)
+    return blocks.view(*lead, outputs, inputs // 32, 16), scales.view(*lead, outputs, inputs // 32)

@@ -7,25 +7,34 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from compressor.export.card import _size, _validation_section
+from compressor.quantize.quantizer import MXFP4
 
 
 def write_quantized_card(directory: Path, source: Path, path_hint: str, provenance: dict, validation=None) -> Path:
     """README.md of `directory`: `source`'s card, tagged and with a `## Quantization` section after its title."""
     q = provenance["quantization"]
     card = ModelCard.load(source / "README.md") if (source / "README.md").is_file() else ModelCard("---\n---\n")
-    card.data.tags = [*(card.data.tags or []), "compressed-tensors", q["scheme"]]
+    mxfp4 = q["format"] == MXFP4
+    card.data.tags = [*(card.data.tags or []), *([] if mxfp4 else ["compressed-tensors"]), q["scheme"]]
     groups = f", groups of {q['group_size']} input columns" if q["group_size"] else ""
+    if mxfp4:
+        what = (f"(`quant_method: mxfp4`: the fused routed experts' weights as E2M1 `*_blocks` with E8M0 "
+                f"`*_scales`{groups}), {q['method']}, {q['weights_quantized']} fused experts weights; everything "
+                f"else is as in the export (not converted: {', '.join(f'`{m}`' for m in q['ignored'])}).")
+        load = "(transformers dequantizes MXFP4 to bf16 unless its MXFP4 GPU kernels are installed)"
+    else:
+        what = (f"(compressed-tensors format `{q['format']}`{groups}), {q['method']}, {q['weights_quantized']} linear "
+                "weights of the decoder layers; embeddings, norms, routers and lm_head are not quantized.")
+        load = ("(transformers dequantizes with compressed-tensors installed); serve with vLLM as below (vLLM's CPU "
+                "build serves w4a16 only)")
     section = [
         "## Quantization",
         "",
-        f"Quantized after pruning by moe-compress {q['tool_version']}: scheme `{q['scheme']}` (compressed-tensors "
-        f"format `{q['format']}`{groups}), {q['method']}, {q['weights_quantized']} linear weights of the decoder "
-        "layers; embeddings, norms, routers and lm_head are not quantized.",
+        f"Quantized after pruning by moe-compress {q['tool_version']}: scheme `{q['scheme']}` {what}",
         "",
         f"- size: {_size(q['bytes'])} of weights (the unquantized export: {_size(q['source_bytes'])}; the original "
         f"model: {_size(provenance['source_bytes'])})",
-        f"- load: `AutoModelForCausalLM.from_pretrained(\"{path_hint}\")` (transformers dequantizes with "
-        "compressed-tensors installed); serve with vLLM as below (vLLM's CPU build serves w4a16 only)",
+        f"- load: `AutoModelForCausalLM.from_pretrained(\"{path_hint}\")` {load}",
         "",
         "The sections after this one describe the unquantized export; its validation report is "
         "`export_validation.json` (plots in `export_plots/`).",

@@ -1,4 +1,4 @@
-"""`moe-compress quantize OUT -o OUT_Q --scheme fp8-dynamic|w8a16|w4a16`."""
+"""`moe-compress quantize OUT -o OUT_Q --scheme fp8-dynamic|w8a16|w4a16|mxfp4`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
-from compressor.quantize.quantizer import SCHEMES
+from compressor.quantize.quantizer import ALL_SCHEMES
 
 
 @click.command()
 @click.argument("source", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="quantized output directory")
-@click.option("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
+@click.option("--scheme", required=True, help=f"one of {', '.join(ALL_SCHEMES)} (mxfp4: families whose experts are "
+              "fused on disk, in their own MXFP4 format)")
 @click.option("--group-size", type=click.IntRange(min=0), default=128, show_default=True,
               help="w8a16/w4a16: input columns sharing one scale; 0: one scale per output channel")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 2GB")
@@ -39,7 +40,8 @@ from compressor.quantize.quantizer import SCHEMES
 def quantize(source, output, scheme, group_size, max_shard_size, overwrite, no_validate, validate_on, max_tokens,
              max_ppl_increase, min_cosine, validate_tasks, task_limit, tasks_include, max_task_drop, seq_len,
              batch_size, device, dtype):
-    """Quantize an exported OUT (round-to-nearest) into compressed-tensors format, which vLLM serves."""
+    """Quantize an exported OUT (round-to-nearest) into compressed-tensors format, which vLLM serves, or (mxfp4) into
+    the family's own MXFP4 format."""
     from compressor.export.exporter import ExportValidation, RunOptions, parse_size
     from compressor.quantize.quantizer import QuantizeOptions, quantize_checkpoint
     from compressor.evaluation.harness import parse_task_gate, parse_task_names

@@ -1,13 +1,18 @@
-"""Round-to-nearest quantization of an exported checkpoint into compressed-tensors format, shard by shard.
+"""Round-to-nearest quantization of an exported checkpoint, shard by shard: into compressed-tensors format, or
+(``mxfp4``) into the MXFP4 format of families whose experts are fused on disk
+(`FamilyAdapter.mxfp4_quantization_config`).
 
-Every linear weight inside the decoder layers (attention, dense MLPs, shared and routed experts) is quantized;
-embeddings, norms, routers and lm_head stay as they are. Scales come from each weight's min/max (per output
-channel, or per group of input columns) through compressed-tensors' `calculate_qparams`; the library's own
-compressor for the scheme's format writes the tensors, and its `ModelCompressor` writes `quantization_config`.
+compressed-tensors schemes: every linear weight inside the decoder layers (attention, dense MLPs, shared and routed
+experts) is quantized; embeddings, norms, routers and lm_head stay as they are. Scales come from each weight's
+min/max (per output channel, or per group of input columns) through compressed-tensors' `calculate_qparams`; the
+library's own compressor for the scheme's format writes the tensors, and its `ModelCompressor` writes
+`quantization_config`. ``mxfp4``: the fused routed experts' weights become ``_blocks`` / ``_scales``
+(`quantize_mxfp4`), everything else stays as it is, and `quantization_config` is the family's.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import shutil
@@ -27,6 +32,8 @@ from compressor.io.writer import TensorSpec
 
 # scheme -> compressed-tensors preset
 SCHEMES = {"fp8-dynamic": "FP8_DYNAMIC", "w8a16": "W8A16", "w4a16": "W4A16"}
+MXFP4 = "mxfp4"  # the family's own MXFP4 format (fused experts on disk)
+ALL_SCHEMES = (*SCHEMES, MXFP4)
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
            "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json", PLAN_FILE)
 
@@ -58,7 +65,7 @@ def quantization_scheme(scheme: str, group_size: int = 128):
     from compressed_tensors.quantization import preset_name_to_scheme
 
     if scheme not in SCHEMES:
-        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise UserError(f"unknown scheme {scheme!r}; choose one of {', '.join(ALL_SCHEMES)}")
     result = preset_name_to_scheme(SCHEMES[scheme], ["Linear"])
     if result.weights.group_size is not None and group_size:
         result.weights.group_size = group_size
@@ -88,14 +95,32 @@ def quantized_names(checkpoint) -> list[str]:
     names = []
     for name in checkpoint.reader.names():
         role = checkpoint.layout.classify(name)
-        if role.layer is None or role.kind == "router" or not name.endswith(".weight"):
-            continue
         shape = checkpoint.reader.info(name).shape
-        if role.kind == "expert" and len(shape) != 2:
-            raise UserError(f"{name} holds all experts of a layer in one tensor (fused on disk); quantize supports "
-                            "checkpoints that store each expert's projections separately")
-        if len(shape) == 2:
+        if role.kind == "expert" and len(shape) > 2:
+            hint = f"; --scheme {MXFP4} writes this family's MXFP4 format" \
+                if checkpoint.family.mxfp4_quantization_config else ""
+            raise UserError(f"{name} holds all experts of a layer in one tensor (fused on disk); the "
+                            "compressed-tensors schemes need checkpoints that store each expert's projections "
+                            f"separately{hint}")
+        if role.layer is not None and role.kind != "router" and name.endswith(".weight") and len(shape) == 2:
             names.append(name)
+    return names
+
+
+def mxfp4_names(checkpoint) -> list[str]:
+    """The on-disk weights that --scheme mxfp4 writes as MXFP4: the fused routed experts' [E, in, out] parameters
+    (UserError where the family has no MXFP4 format or an input width is not a multiple of 32)."""
+    family = checkpoint.family
+    if family.mxfp4_quantization_config is None:
+        raise UserError(f"--scheme {MXFP4} writes the MXFP4 format of families that store their experts fused on disk; "
+                        f"{family.name} has none: choose one of {', '.join(SCHEMES)}")
+    names = [t.name() for layer in checkpoint.layout.layers.values() for t in layer.experts
+             if not t.per_expert and len(checkpoint.reader.info(t.name()).shape) == 3]
+    for name in names:
+        inputs = checkpoint.reader.info(name).shape[1]
+        if inputs % 32:
+            raise UserError(f"--scheme {MXFP4} quantizes groups of 32 input values: {name} has {inputs} inputs, not a "
+                            "multiple of 32")
     return names
 
 
@@ -115,7 +140,7 @@ def check_quantizable(directory: Path) -> None:
 def quantize_checkpoint(source: Path, output: Path, options: QuantizeOptions) -> QuantizeResult:
     """Write `source` (a moe-compress export) quantized with `options.scheme` into `output`, atomically."""
     source, output = Path(source), Path(output)
-    scheme = quantization_scheme(options.scheme, options.group_size)
+    scheme = None if options.scheme == MXFP4 else quantization_scheme(options.scheme, options.group_size)
     check_quantizable(source)
     if options.validation is not None:
         from compressor.export.exporter import check_gates_can_run, check_tasks_can_run
@@ -125,6 +150,8 @@ def quantize_checkpoint(source: Path, output: Path, options: QuantizeOptions) ->
     check_output_location(source, output, options.overwrite)
     checkpoint = open_checkpoint(source)
     try:
+        if scheme is None:
+            return _quantize_mxfp4(checkpoint, source, output, options)
         return _quantize(checkpoint, source, output, scheme, options)
     except OSError as error:
         raise UserError(f"writing {output} failed: {error.strerror or error}; nothing was written") from error
@@ -137,7 +164,7 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-    reader, family = checkpoint.reader, checkpoint.family
+    reader = checkpoint.reader
     targets = set(quantized_names(checkpoint))
     group = scheme.weights.group_size
     if group is not None:
@@ -173,6 +200,48 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
     quant_config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=fmt.value,
                                       quantization_status=QuantizationStatus.COMPRESSED)
 
+    def write_config(staging: Path) -> None:
+        shutil.copyfile(source / "config.json", staging / "config.json")
+        ModelCompressor(quantization_config=quant_config).update_config(str(staging))
+
+    return _write(checkpoint, source, output, options, specs, targets, compressed, write_config, {
+        "format": fmt.value, "method": "round-to-nearest (min/max)", "group_size": group, "ignored": ignore})
+
+
+def _quantize_mxfp4(checkpoint, source: Path, output: Path, options: QuantizeOptions) -> QuantizeResult:
+    """--scheme mxfp4: the fused experts' weights as MXFP4 blocks and scales, `quantization_config` the family's."""
+    from compressor.families.quantization import MXFP4_PARTS, quantize_mxfp4
+
+    reader, family = checkpoint.reader, checkpoint.family
+    targets = set(mxfp4_names(checkpoint))
+    specs = []
+    for name in reader.names():
+        info = reader.info(name)
+        if name in targets:
+            experts, inputs, outputs = info.shape
+            specs += [TensorSpec(name + MXFP4_PARTS[0], torch.uint8, (experts, outputs, inputs // 32, 16)),
+                      TensorSpec(name + MXFP4_PARTS[1], torch.uint8, (experts, outputs, inputs // 32))]
+        else:
+            specs.append(TensorSpec(name, info.dtype, info.shape))
+    quantization = copy.deepcopy(family.mxfp4_quantization_config)
+
+    def compressed(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip((name + part for part in MXFP4_PARTS), quantize_mxfp4(weight)))
+
+    def write_config(staging: Path) -> None:
+        config = {**json.loads((source / "config.json").read_text()), "quantization_config": quantization}
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    return _write(checkpoint, source, output, options, specs, targets, compressed, write_config, {
+        "format": MXFP4, "method": "round-to-nearest (OCP MX: scale 2^(floor(log2 max|w|) - 2) per 32 inputs, "
+        "e2m1 ties to even)", "group_size": 32, "ignored": quantization.get("modules_to_not_convert", [])})
+
+
+def _write(checkpoint, source: Path, output: Path, options: QuantizeOptions, specs: list[TensorSpec], targets: set,
+           compressed, write_config, quantization: dict) -> QuantizeResult:
+    """Write the output atomically: `compressed(name, weight)` gives each target's tensors, every other tensor is
+    copied as it is; `write_config(staging)` writes config.json; `quantization` goes into the provenance."""
+    reader, family = checkpoint.reader, checkpoint.family
     with atomic_directory(output, options.overwrite) as staging:
         total = sum(spec.nbytes for spec in specs)
         writer = ShardedWriter.planned(staging, specs, options.max_shard_bytes, metadata={"format": "pt"}, index=None)
@@ -190,8 +259,7 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
         except BaseException:
             writer.abort()
             raise
-        shutil.copyfile(source / "config.json", staging / "config.json")
-        ModelCompressor(quantization_config=quant_config).update_config(str(staging))
+        write_config(staging)
         family.write_runtime_files(staging, json.loads((staging / "config.json").read_text()))
         for name in _COPIED:
             if (source / name).exists():
@@ -202,8 +270,7 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
             shutil.copytree(source / "plots", staging / "export_plots")
         provenance = json.loads((source / PROVENANCE_FILE).read_text())
         provenance["quantization"] = {
-            "scheme": options.scheme, "format": fmt.value, "method": "round-to-nearest (min/max)",
-            "group_size": group, "weights_quantized": len(targets), "ignored": ignore, "source": str(source),
+            "scheme": options.scheme, **quantization, "weights_quantized": len(targets), "source": str(source),
             "source_bytes": reader.total_bytes, "bytes": total, "tool_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
