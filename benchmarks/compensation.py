@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from compressor.export.exporter import ExportOptions, FitOptions, RunOptions, export_checkpoint
     from compressor.planning import PlanOptions, make_plan
     from compressor.profiling.runner import ProfileOptions, profile_model
+    from compressor.runtime import ForwardOptions
     from compressor.validation.perplexity import perplexity
 
     targets = args.targets.split(",")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     rows = {"original (top-6, 64 experts)": evaluate(args.model),
             "all 64 experts, raw top-1": evaluate(args.model, num_experts_per_tok=1)}
     profile = profile_model(str(args.model), {d: f"demo:{d}" for d in DOMAINS},
-                            ProfileOptions(max_tokens=32768, seq_len=256, progress=False))
+                            ProfileOptions(max_tokens=32768, forward=ForwardOptions(seq_len=256), progress=False))
     plan = make_plan(profile, PlanOptions(strategy="uniform", keep=args.keep, domains={t: 1.0 for t in targets},
                                           top_k=1, compensation="none"))
     seconds = {}

@@ -75,9 +75,10 @@ def peak_rss(model_dir: Path, sources: dict, layerwise: bool, seq_len: int, max_
 import json, re, sys, time
 from pathlib import Path
 from compressor.profiling.runner import ProfileOptions, profile_model
+from compressor.runtime import ForwardOptions
 start = time.perf_counter()
-profile_model({str(model_dir)!r}, {sources!r}, ProfileOptions(max_tokens={max_tokens}, seq_len={seq_len},
-              batch_size={batch_size}, layerwise={layerwise}, progress=False))
+profile_model({str(model_dir)!r}, {sources!r}, ProfileOptions(max_tokens={max_tokens}, forward=ForwardOptions(
+              seq_len={seq_len}, batch_size={batch_size}, layerwise={layerwise}), progress=False))
 peak_kib = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1))
 print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss_mib": peak_kib / 1024}}))
 """

@@ -84,9 +84,10 @@ def per_layer_pair(original: Path, scratch: Path, domains: list[str], coverage: 
     from compressor.export.exporter import ExportOptions, ExportValidation, RunOptions, export_checkpoint
     from compressor.planning import PlanOptions, make_plan
     from compressor.profiling import ProfileOptions, profile_model
+    from compressor.runtime import ForwardOptions
 
     profile = profile_model(str(original), {d: f"demo:{d}" for d in domains},
-                            ProfileOptions(max_tokens=tokens, seq_len=256, device="cpu", progress=False))
+                            ProfileOptions(max_tokens=tokens, forward=ForwardOptions(seq_len=256, device="cpu"), progress=False))
     targets = {d: 1.0 for d in domains}
     layers = len(profile.model.moe_layers)
     while True:
@@ -110,10 +111,11 @@ def per_layer_pair(original: Path, scratch: Path, domains: list[str], coverage: 
 
 def perplexities(original: Path, compressed: Path, domains: list[str], tokens: int) -> dict[str, dict]:
     """Per domain: perplexity of `original` and `compressed` on the same held-out tokens (moe-compress validate)."""
+    from compressor.runtime import ForwardOptions
     from compressor.validation.runner import ValidateOptions, validate_models
 
     report = validate_models(str(original), str(compressed), {d: f"demo:{d}" for d in domains},
-                             ValidateOptions(max_tokens=tokens, seq_len=256, device="cpu", progress=False))
+                             ValidateOptions(max_tokens=tokens, forward=ForwardOptions(seq_len=256, device="cpu"), progress=False))
     return {name: {"original": d.perplexity_original, "compressed": d.perplexity_compressed}
             for name, d in report.domains.items()}
 

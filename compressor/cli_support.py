@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -28,3 +29,30 @@ def checked_output_path(path: Path, overwrite: bool, *, directory: bool = False,
 
     check_writable_target(path, overwrite, directory=directory)
     check_not_inside(path, [Path(p) for p in reads if Path(p).is_dir()])
+
+
+def forward_options(layerwise_help: str = "hold one decoder layer in memory at a time (models larger than RAM)"):
+    """--seq-len, --batch-size, --dtype, --device, --layerwise and --text-field, handed to the command as one
+    `forward` argument (`runtime.ForwardOptions`)."""
+    options = [
+        click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16"),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto"),
+        click.option("--layerwise", is_flag=True, help=layerwise_help),
+        click.option("--text-field", default="text", show_default=True, help="text field of .jsonl/.parquet/hf: rows"),
+    ]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def with_forward(*args, seq_len, batch_size, dtype, device, layerwise, text_field, **kwargs):
+            from compressor.runtime import ForwardOptions
+
+            return command(*args, forward=ForwardOptions(seq_len, batch_size, dtype, device, layerwise, text_field),
+                           **kwargs)
+
+        for option in reversed(options):
+            with_forward = option(with_forward)
+        return with_forward
+
+    return decorate

@@ -337,6 +337,7 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     from compressor.io.resolve import resolve_model
     from compressor.planning import Plan, make_plan
     from compressor.profiling import Profile, ProfileOptions, profile_model
+    from compressor.runtime import ForwardOptions
 
     check_recipe_runnable(recipe)
     work = Path(recipe.work_dir)
@@ -352,8 +353,8 @@ def run_recipe(recipe: Recipe, echo=print) -> dict:
     else:
         p = recipe.profile
         profile = profile_model(recipe.model, p.domains, ProfileOptions(
-            max_tokens=p.max_tokens, seq_len=p.seq_len, batch_size=p.batch_size, dtype=recipe.dtype,
-            device=recipe.device, layerwise=p.layerwise, text_field=p.text_field, revision=recipe.revision))
+            max_tokens=p.max_tokens, forward=ForwardOptions(p.seq_len, p.batch_size, recipe.dtype, recipe.device,
+                                                            p.layerwise, p.text_field), revision=recipe.revision))
         profile.save(artifacts["profile"])
         state.record("profile", digest)
         echo(f"profile: wrote {artifacts['profile']}")
@@ -423,6 +424,7 @@ def _run_lens(recipe: Recipe, model_digest: str, path: Path, state: _State, echo
     """The lens of the original model (what top-1 routing costs before anything is pruned)."""
     from compressor import __version__
     from compressor.lens import LensOptions, lens_model
+    from compressor.runtime import ForwardOptions
     from compressor.lens.plots import lens_headline
 
     lens, domains = recipe.lens, _lens_domains(recipe)
@@ -431,8 +433,8 @@ def _run_lens(recipe: Recipe, model_digest: str, path: Path, state: _State, echo
         echo(f"lens: up to date ({path})")
         return path
     report = lens_model(recipe.model, domains, LensOptions(
-        max_tokens=lens.max_tokens, seq_len=lens.seq_len, batch_size=lens.batch_size, dtype=recipe.dtype,
-        device=recipe.device, layerwise=lens.layerwise, text_field=lens.text_field, revision=recipe.revision))
+        max_tokens=lens.max_tokens, forward=ForwardOptions(lens.seq_len, lens.batch_size, recipe.dtype, recipe.device,
+                                                           lens.layerwise, lens.text_field), revision=recipe.revision))
     report.save(path)
     state.record("lens", digest)
     echo(f"lens: wrote {path}")

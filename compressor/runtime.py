@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,18 @@ from compressor.errors import UserError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """How a stage runs a model over text (profile, lens and validate share these)."""
+
+    seq_len: int = 512
+    batch_size: int = 8
+    dtype: str = "float32"  # compute dtype
+    device: str = "auto"
+    layerwise: bool = False  # one decoder layer in memory at a time
+    text_field: str = "text"  # the text field of .jsonl / .parquet / hf: rows
 
 
 def resolve_device(device: str) -> torch.device:

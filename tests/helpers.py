@@ -77,3 +77,14 @@ def cli_one_and_two_ranks(argv: list, cwd: Path) -> tuple[Path, Path]:
                             capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     return one, two
+
+
+def stage_options(cls, **fields):
+    """`cls` (ProfileOptions, LensOptions or ValidateOptions) from flat `fields`, the ForwardOptions ones grouped."""
+    import dataclasses
+
+    from compressor.runtime import ForwardOptions
+
+    names = {f.name for f in dataclasses.fields(ForwardOptions)}
+    forward = ForwardOptions(**{k: v for k, v in fields.items() if k in names})
+    return cls(forward=forward, **{k: v for k, v in fields.items() if k not in names})

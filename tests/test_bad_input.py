@@ -18,7 +18,7 @@ from typing import Callable
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import TINY, run_cli, save_tiny_checkpoint, stage_options, write_jsonl
 
 
 @dataclass
@@ -47,8 +47,8 @@ def world(tmp_path_factory) -> World:
     rng = random.Random(0)
     data = write_jsonl(root / "data.jsonl", [[rng.randrange(2, TINY["vocab_size"]) for _ in range(12)]
                                              for _ in range(8)])
-    profile = profile_model(str(model), {"code": str(data)}, ProfileOptions(seq_len=16, batch_size=4, device="cpu",
-                                                                           progress=False))
+    profile = profile_model(str(model), {"code": str(data)},
+                            stage_options(ProfileOptions, seq_len=16, batch_size=4, device="cpu", progress=False))
     profile.save(root / "profile.json")
     plan = make_plan(profile, PlanOptions(keep=4, top_k=1, compensation="none"))
     plan.save(root / "plan.json")
@@ -166,7 +166,7 @@ def _other_profile(w: World, tmp: Path) -> Path:
     from compressor.profiling import ProfileOptions, profile_model
 
     path = tmp / "other-profile.json"
-    profile_model(str(w.other), {"code": str(w.data)}, ProfileOptions(seq_len=16, device="cpu",
+    profile_model(str(w.other), {"code": str(w.data)}, stage_options(ProfileOptions, seq_len=16, device="cpu",
                                                                       progress=False)).save(path)
     return path
 

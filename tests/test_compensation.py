@@ -17,6 +17,7 @@ from compressor.data.sources import load_source
 from compressor.export.exporter import DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, export_checkpoint
 from compressor.planning import PlanOptions, make_plan
 from compressor.profiling.runner import ProfileOptions, profile_model
+from compressor.runtime import ForwardOptions
 from compressor.validation.perplexity import perplexity
 
 REFERENCE = Path(__file__).resolve().parents[1] / "models" / "reference"
@@ -41,7 +42,7 @@ def results(tmp_path_factory):
         return {d: perplexity(model, sequences) for d, sequences in evaluation.items()}
 
     profile = profile_model(str(REFERENCE), {d: f"demo:{d}" for d in TARGETS},
-                            ProfileOptions(max_tokens=8192, seq_len=256, progress=False))
+                            ProfileOptions(max_tokens=8192, forward=ForwardOptions(seq_len=256), progress=False))
     plan = make_plan(profile, PlanOptions(strategy="uniform", keep=32, domains={d: 1.0 for d in TARGETS},
                                           top_k=1, compensation="none"))
     table = {"original": evaluate(REFERENCE)}

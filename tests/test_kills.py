@@ -16,7 +16,7 @@ import pytest
 from compressor.io import CheckpointReader
 from compressor.io.atomic import exchange, remove_stale_staging, rename_noreplace, write_text_atomic
 from compressor.errors import UserError
-from helpers import TINY, save_tiny_checkpoint, write_jsonl
+from helpers import TINY, save_tiny_checkpoint, stage_options, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,8 @@ def setup(tmp_path_factory):
     rng = random.Random(0)
     data = write_jsonl(root / "data.jsonl", [[rng.randrange(2, TINY["vocab_size"]) for _ in range(16)]
                                              for _ in range(16)])
-    profile = profile_model(str(model), {"code": str(data)}, ProfileOptions(seq_len=16, device="cpu", progress=False))
+    profile = profile_model(str(model), {"code": str(data)},
+                            stage_options(ProfileOptions, seq_len=16, device="cpu", progress=False))
     plan = make_plan(profile, PlanOptions(keep=4, top_k=1, compensation="none"))
     plan.save(root / "plan.json")
     return model, root / "plan.json", data

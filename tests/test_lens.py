@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from compressor.lens import LensOptions, LensReport, lens_model
-from helpers import TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, stage_options, write_jsonl
 
 torch.set_num_threads(1)
 SEQ = 12
@@ -50,8 +50,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def options(**changes) -> LensOptions:
-    return LensOptions(**{"seq_len": SEQ, "batch_size": 4, "device": "cpu", "progress": False, "max_tokens": None,
-                          **changes})
+    return stage_options(LensOptions, **{"seq_len": SEQ, "batch_size": 4, "device": "cpu", "progress": False,
+                                         "max_tokens": None, **changes})
 
 
 @torch.no_grad()

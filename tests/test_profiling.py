@@ -27,7 +27,7 @@ from compressor.profiling.report import concentration, write_profile_report
 from compressor.profiling.schema import (
     DomainProfile, LayerStatistics, ModelIdentity, ProfileSettings, SourceDescription,
 )
-from helpers import MOE_LAYERS, TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import MOE_LAYERS, TINY, cli_one_and_two_ranks, run_cli, save_tiny_checkpoint, stage_options, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 N_EXPERTS, TOP_K = 8, 3
@@ -74,7 +74,7 @@ def rows_jsonl(data_dir, rows) -> Path:
 
 def options(**overrides) -> ProfileOptions:
     base = dict(max_tokens=None, seq_len=SEQ_LEN, batch_size=BATCH, dtype="float32", device="cpu", progress=False)
-    return ProfileOptions(**{**base, **overrides})
+    return stage_options(ProfileOptions, **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")

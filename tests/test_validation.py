@@ -23,7 +23,7 @@ from compressor.errors import UserError
 from compressor.modeling import DeepseekForCausalLM
 from compressor.validation.runner import ValidateOptions, validate_models
 from compressor.validation.schema import ValidationReport
-from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, write_jsonl
+from helpers import MOE_LAYERS, TINY, run_cli, save_tiny_checkpoint, stage_options, write_jsonl
 
 torch.set_num_threads(1)
 KEEP = [0, 2, 5, 7]
@@ -97,7 +97,7 @@ def data(root) -> dict[str, Path]:
 
 def options(**overrides) -> ValidateOptions:
     base = dict(max_tokens=10_000, seq_len=SEQ_LEN, batch_size=BATCH, device="cpu", progress=False)
-    return ValidateOptions(**{**base, **overrides})
+    return stage_options(ValidateOptions, **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +470,7 @@ def profile_path(root, source, data) -> Path:
 
     path = root / "profile.json"
     profile_model(str(source), {k: str(v) for k, v in data.items()},
-                  ProfileOptions(max_tokens=None, seq_len=SEQ_LEN, batch_size=BATCH, device="cpu",
+                  stage_options(ProfileOptions, max_tokens=None, seq_len=SEQ_LEN, batch_size=BATCH, device="cpu",
                                  progress=False)).save(path)
     return path
 
@@ -586,7 +586,7 @@ def test_card_names_targets_warns_off_target_and_shows_the_tokenizer(source, dat
     shutil.copytree(source, licensed)
     (licensed / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a model\n")
     profile = profile_model(str(licensed), {k: str(v) for k, v in data.items()},
-                            ProfileOptions(seq_len=SEQ_LEN, device="cpu", progress=False))
+                            stage_options(ProfileOptions, seq_len=SEQ_LEN, device="cpu", progress=False))
     plan = plan_from_profile(profile, PlanOptions(keep=4, domains={"alpha": 1}, compensation="none"))
     out = tmp_path / "model"
     export_checkpoint(str(licensed), plan, out, ExportOptions(

@@ -331,11 +331,12 @@ def validate_export(model: str, output: Path, options: ExportOptions):
 
 
 def _validate_options(options: ExportOptions):
+    from compressor.runtime import ForwardOptions
     from compressor.validation.runner import ValidateOptions
 
-    v = options.validation
-    return ValidateOptions(max_tokens=v.max_tokens, seq_len=options.run.seq_len, batch_size=options.run.batch_size,
-                           dtype=options.run.dtype, device=options.run.device, max_ppl_increase=v.max_ppl_increase,
+    v, run = options.validation, options.run
+    forward = ForwardOptions(seq_len=run.seq_len, batch_size=run.batch_size, dtype=run.dtype, device=run.device)
+    return ValidateOptions(max_tokens=v.max_tokens, forward=forward, max_ppl_increase=v.max_ppl_increase,
                            min_cosine=v.min_cosine, tasks=tuple(v.tasks), task_limit=v.task_limit,
                            tasks_include=tuple(v.tasks_include), max_task_drop=v.max_task_drop,
                            progress=options.run.progress)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compressor.cli_support import checked_output_path
+from compressor.cli_support import checked_output_path, forward_options
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 
 
@@ -17,16 +17,10 @@ from compressor.data.sources import SOURCE_FORMS, parse_named_sources
               help=f"a domain; SOURCE: {SOURCE_FORMS} (demo: defaults to the evaluation split)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="lens JSON to write")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="tokens per domain")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--layerwise", is_flag=True, help="hold one decoder layer in memory at a time")
-@click.option("--text-field", default="text", show_default=True)
+@forward_options()
 @click.option("--revision", default=None, help="Hub revision of MODEL")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
-def lens(model, data, output, max_tokens, seq_len, batch_size, dtype, device, layerwise, text_field, revision,
-         overwrite):
+def lens(model, data, output, max_tokens, forward, revision, overwrite):
     """Early decoding of MODEL: how close the top-1 expert alone comes to the top-k ensemble, per MoE layer."""
     from compressor.lens import LensOptions, lens_model
     from compressor.lens.plots import lens_headline, write_lens_figures
@@ -35,8 +29,7 @@ def lens(model, data, output, max_tokens, seq_len, batch_size, dtype, device, la
     checked_output_path(output, overwrite, reads=[model])
     checked_output_path(figures, overwrite, directory=True, reads=[model])
     report = lens_model(model, parse_named_sources(data), LensOptions(
-        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype, device=device,
-        layerwise=layerwise, text_field=text_field, revision=revision))
+        max_tokens=max_tokens, forward=forward, revision=revision))
     if int(os.environ.get("RANK", "0")) != 0:
         return
     from compressor.io.atomic import atomic_directory

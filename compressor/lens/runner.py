@@ -9,7 +9,7 @@ out — and compared with p(h_k), the true next token and the model's final pred
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,19 +25,15 @@ from compressor.io.resolve import resolve_model
 from compressor.lens.schema import LensDomain, LensLayer, LensReport, LensSettings
 from compressor.profiling.schema import ModelIdentity, SourceDescription, config_hash
 from compressor.runtime import (
-    CheckpointTensors, Distributed, LayerwiseModel, resolve_device, resolve_dtype, run_layer_by_layer, tokenize_domains,
+    CheckpointTensors, Distributed, ForwardOptions, LayerwiseModel, resolve_device, resolve_dtype, run_layer_by_layer,
+    tokenize_domains,
 )
 
 
 @dataclass
 class LensOptions:
     max_tokens: int | None = 16384  # per domain
-    seq_len: int = 512
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-    layerwise: bool = False
-    text_field: str = "text"
+    forward: ForwardOptions = field(default_factory=ForwardOptions)
     revision: str | None = None
     progress: bool = True
 
@@ -146,10 +142,11 @@ def _attach(family, config, layer: int, decoder_layer, lens_for) -> callable:
 def lens_model(model: str, sources: dict[str, str], options: LensOptions | None = None) -> LensReport:
     """The lens of `model` (local directory or Hub id) on each NAME=SOURCE (default split: evaluation)."""
     options = options or LensOptions()
-    if options.seq_len < 2:
-        raise UserError(f"--seq-len must be at least 2 (a token and its next), got {options.seq_len}")
-    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
-    loaded = {name: load_source(spec, default_split="evaluation", text_field=options.text_field)
+    forward = options.forward
+    if forward.seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2 (a token and its next), got {forward.seq_len}")
+    device, dtype = resolve_device(forward.device), resolve_dtype(forward.dtype)
+    loaded = {name: load_source(spec, default_split="evaluation", text_field=forward.text_field)
               for name, spec in sources.items()}
     model_dir, revision = resolve_model(model, options.revision)
     checkpoint = open_checkpoint(model_dir)
@@ -157,13 +154,13 @@ def lens_model(model: str, sources: dict[str, str], options: LensOptions | None 
     moe_layers = family.moe_layers(config)
     if not moe_layers:
         raise UserError(f"{model} has no MoE layers: the lens compares single and ensemble experts")
-    sequences, pad = tokenize_domains(model_dir, config, loaded, options.seq_len, options.max_tokens, min_length=2)
+    sequences, pad = tokenize_domains(model_dir, config, loaded, forward.seq_len, options.max_tokens, min_length=2)
     dist = Distributed(device)
     device = dist.device
     sums = {name: {layer: _LayerSums(family.top_k(config), device) for layer in moe_layers} for name in sequences}
     work = [(name, batch) for name, rows in sequences.items()
-            for index, batch in enumerate(batches(rows, options.batch_size, pad)) if dist.mine(index)]
-    run = _run_layerwise if options.layerwise else _run_whole
+            for index, batch in enumerate(batches(rows, forward.batch_size, pad)) if dist.mine(index)]
+    run = _run_layerwise if forward.layerwise else _run_whole
     try:
         run(checkpoint, work, sums, options, device, dtype, dist)
         for layers in sums.values():
@@ -181,8 +178,8 @@ def lens_model(model: str, sources: dict[str, str], options: LensOptions | None 
         source=model, revision=revision, family=family.name, config_hash=config_hash(config, family.top_k_key), moe_layers=moe_layers,
         experts_per_layer={str(layer): family.num_experts(config, layer) for layer in moe_layers},
         top_k=family.top_k(config), expert_groups=family.expert_groups(config))
-    settings = LensSettings(max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
-                            dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=options.layerwise,
+    settings = LensSettings(max_tokens=options.max_tokens, seq_len=forward.seq_len, batch_size=forward.batch_size,
+                            dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=forward.layerwise,
                             world_size=dist.world)
     return LensReport(tool_version=__version__, model=identity, settings=settings, domains=domains)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -16,19 +16,15 @@ from compressor.io.resolve import resolve_model
 from compressor.profiling.collector import RoutingCollector
 from compressor.profiling.schema import DomainProfile, ModelIdentity, Profile, ProfileSettings, SourceDescription, config_hash
 from compressor.runtime import (
-    CheckpointTensors, Distributed, LayerwiseModel, resolve_device, resolve_dtype, run_layer_by_layer, tokenize_domains,
+    CheckpointTensors, Distributed, ForwardOptions, LayerwiseModel, resolve_device, resolve_dtype, run_layer_by_layer,
+    tokenize_domains,
 )
 
 
 @dataclass
 class ProfileOptions:
     max_tokens: int | None = 65536
-    seq_len: int = 512
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-    layerwise: bool = False
-    text_field: str = "text"
+    forward: ForwardOptions = field(default_factory=ForwardOptions)
     revision: str | None = None
     activation_budget_bytes: int = 2 * 2**30
     progress: bool = True
@@ -37,16 +33,17 @@ class ProfileOptions:
 def profile_model(model: str, sources: dict[str, str], options: ProfileOptions | None = None) -> Profile:
     """Profile `model` (local dir or Hub id) on named SOURCEs; returns the Profile (not written)."""
     options = options or ProfileOptions()
-    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
-    loaded = {name: load_source(spec, default_split="calibration", text_field=options.text_field)
+    forward = options.forward
+    device, dtype = resolve_device(forward.device), resolve_dtype(forward.dtype)
+    loaded = {name: load_source(spec, default_split="calibration", text_field=forward.text_field)
               for name, spec in sources.items()}
     model_dir, revision = resolve_model(model, options.revision)
     checkpoint = open_checkpoint(model_dir)
     config, family = checkpoint.config, checkpoint.family
-    domain_sequences, pad_id = tokenize_domains(model_dir, config, loaded, options.seq_len, options.max_tokens)
+    domain_sequences, pad_id = tokenize_domains(model_dir, config, loaded, forward.seq_len, options.max_tokens)
     dist = Distributed(device)
     device = dist.device
-    run = _run_layerwise if options.layerwise else _run_whole_model
+    run = _run_layerwise if forward.layerwise else _run_whole_model
     try:
         domains = run(checkpoint, domain_sequences, loaded, options, device, dtype, dist, pad_id)
     finally:
@@ -63,8 +60,8 @@ def profile_model(model: str, sources: dict[str, str], options: ProfileOptions |
         expert_groups=family.expert_groups(config),
     )
     settings = ProfileSettings(
-        max_tokens=options.max_tokens, seq_len=options.seq_len, batch_size=options.batch_size,
-        dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=options.layerwise,
+        max_tokens=options.max_tokens, seq_len=forward.seq_len, batch_size=forward.batch_size,
+        dtype=str(dtype).removeprefix("torch."), device=device.type, layerwise=forward.layerwise,
         world_size=dist.world,
     )
     return Profile(tool_version=__version__, model=identity, settings=settings, domains=domains)
@@ -105,7 +102,7 @@ def _run_whole_model(checkpoint, domain_sequences, loaded, options, device, dtyp
         tokens = 0
         total = sum(len(s) for s in sequences)
         with _progress(name, total, options, dist) as bar, torch.no_grad():
-            for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
+            for index, batch in enumerate(batches(sequences, options.forward.batch_size, pad_id)):
                 if not dist.mine(index):
                     bar.update(batch.tokens)
                     continue
@@ -127,7 +124,7 @@ def _run_layerwise(checkpoint, domain_sequences, loaded, options, device, dtype,
     runner = LayerwiseModel(family, config, CheckpointTensors(checkpoint.reader, checkpoint.layout), device, dtype)
     work = []  # (domain, Batch) for the batches this rank runs
     for name, sequences in domain_sequences.items():
-        for index, batch in enumerate(batches(sequences, options.batch_size, pad_id)):
+        for index, batch in enumerate(batches(sequences, options.forward.batch_size, pad_id)):
             if dist.mine(index):
                 work.append((name, batch))
     collectors = {name: RoutingCollector(family, config, device) for name in domain_sequences}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from compressor.cli_support import checked_output_path
+from compressor.cli_support import checked_output_path, forward_options
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 from compressor.evaluation.harness import parse_task_gate, parse_task_names
 from compressor.io.atomic import atomic_directory
@@ -55,8 +55,6 @@ def summary_table(report) -> str:
                    "optional with --tasks")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="validation JSON to write")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="tokens per domain")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
               help="fail when a domain's perplexity rises more: 0.05 for all, or code=0.05,english=0.5")
 @click.option("--min-cosine", type=float, default=None, help="fail when a layer's mean hidden-state cosine is lower")
@@ -67,19 +65,15 @@ def summary_table(report) -> str:
               help="a folder of harness task YAML files (local data only) to find tasks in")
 @click.option("--max-task-drop", default=None, metavar="X|TASK=X,...",
               help="fail when a task scores lower by more (absolute): 0.02 for all, or demo_math_answer=0.02")
-@click.option("--layerwise", is_flag=True, help="run both models one decoder layer at a time, in lockstep")
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--text-field", default="text", show_default=True)
+@forward_options(layerwise_help="run both models one decoder layer at a time, in lockstep")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
-def validate(original, compressed, data, output, max_tokens, seq_len, batch_size, max_ppl_increase, min_cosine,
-             tasks, task_limit, tasks_include, max_task_drop, layerwise, dtype, device, text_field, overwrite):
+def validate(original, compressed, data, output, max_tokens, max_ppl_increase, min_cosine, tasks, task_limit,
+             tasks_include, max_task_drop, forward, overwrite):
     """Compare COMPRESSED with ORIGINAL; exit 0 when every threshold holds, 1 otherwise."""
     plots_dir = output.parent / f"{output.stem}-plots"
     checked_output_path(output, overwrite, reads=[original, compressed])
     checked_output_path(plots_dir, overwrite, directory=True, reads=[original, compressed])
-    options = ValidateOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                              device=device, layerwise=layerwise, text_field=text_field,
+    options = ValidateOptions(max_tokens=max_tokens, forward=forward,
                               max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
                               tasks=tuple(parse_task_names(tasks)), task_limit=task_limit,
                               tasks_include=tuple(map(str, tasks_include)), max_task_drop=parse_task_gate(max_task_drop))

@@ -25,7 +25,8 @@ from compressor.families import open_checkpoint, quantization
 from compressor.gates import parse_limits
 from compressor.io.resolve import resolve_model
 from compressor.runtime import (
-    CheckpointTensors, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype, run_layer_by_layer,
+    CheckpointTensors, ForwardOptions, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype,
+    run_layer_by_layer,
 )
 from compressor.profiling.schema import config_hash
 from compressor.validation.schema import (
@@ -36,12 +37,7 @@ from compressor.validation.schema import (
 @dataclass
 class ValidateOptions:
     max_tokens: int = 16384
-    seq_len: int = 512
-    batch_size: int = 8
-    dtype: str = "float32"
-    device: str = "auto"
-    layerwise: bool = False
-    text_field: str = "text"
+    forward: ForwardOptions = field(default_factory=ForwardOptions)
     max_ppl_increase: float | dict[str, float] | None = None  # one limit for all domains, or per domain
     min_cosine: float | None = None
     tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks (shipped, in `tasks_include` folders or installed)
@@ -156,8 +152,9 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
                     options: ValidateOptions | None = None) -> ValidationReport:
     """Compare `compressed` with `original` on each NAME=SOURCE (default split: evaluation)."""
     options = options or ValidateOptions()
-    device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
-    loaded = {name: load_source(spec, default_split=options.default_split, text_field=options.text_field)
+    forward = options.forward
+    device, dtype = resolve_device(forward.device), resolve_dtype(forward.dtype)
+    loaded = {name: load_source(spec, default_split=options.default_split, text_field=forward.text_field)
               for name, spec in sources.items()}
     check_ppl_gate(options.max_ppl_increase)
     check_cosine_gate(options.min_cosine)
@@ -170,7 +167,7 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     original_dir, _ = resolve_model(original, options.revisions[0])
     compressed_dir, _ = resolve_model(compressed, options.revisions[1])
     checkpoints = open_checkpoint(original_dir), open_checkpoint(compressed_dir, quantized=True)
-    if options.layerwise and quantization.method(checkpoints[1].config) == quantization.COMPRESSED_TENSORS:
+    if forward.layerwise and quantization.method(checkpoints[1].config) == quantization.COMPRESSED_TENSORS:
         raise UserError(f"{compressed} is quantized: validate it whole (without --layerwise)")
     configs = checkpoints[0].config, checkpoints[1].config
     _check_related(original_dir, compressed_dir, *configs)
@@ -182,17 +179,17 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     vocab = int(configs[0]["vocab_size"])
     work = []
     for name, source in loaded.items():
-        sequences = token_sequences(source, tokenizer, options.seq_len, options.max_tokens)
+        sequences = token_sequences(source, tokenizer, forward.seq_len, options.max_tokens)
         if not sequences or max(len(s) for s in sequences) < 2:
             raise UserError(f"domain {name!r} has too few tokens to measure perplexity")
         if max(max(s) for s in sequences) >= vocab:
             raise UserError(f"domain {name!r} has token ids outside the vocabulary of {vocab}")
         pad = int(getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
-        work += [(name, batch) for batch in batches(sequences, options.batch_size, pad)]
+        work += [(name, batch) for batch in batches(sequences, forward.batch_size, pad)]
 
     accumulators = {name: _DomainAccumulator() for name in loaded}
     layer_cosines: dict[int, list[torch.Tensor]] = {}
-    run = _run_layerwise if options.layerwise else _run_whole
+    run = _run_layerwise if forward.layerwise else _run_whole
     throughput = run(checkpoints, work, accumulators, layer_cosines, device, dtype, options) if work else None
     tasks = {} if task_set is None else _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options)
     for checkpoint in checkpoints:
@@ -206,8 +203,8 @@ def validate_models(original: str, compressed: str, sources: dict[str, str],
     domains = {name: acc.result(loaded[name].description()) for name, acc in accumulators.items()}
     failures = gate_failures(domains, layers, options.max_ppl_increase, options.min_cosine, tasks,
                              options.max_task_drop)
-    settings = {"max_tokens": options.max_tokens, "seq_len": options.seq_len, "batch_size": options.batch_size,
-                "dtype": str(dtype).removeprefix("torch."), "layerwise": options.layerwise}
+    settings = {"max_tokens": options.max_tokens, "seq_len": forward.seq_len, "batch_size": forward.batch_size,
+                "dtype": str(dtype).removeprefix("torch."), "layerwise": forward.layerwise}
     if task_set is not None:
         settings["tasks"] = _task_settings(task_set, options)
     return ValidationReport(
@@ -255,7 +252,7 @@ def _run_tasks(checkpoints, tokenizer, task_set, device, dtype, options) -> dict
     scores = []
     for c in checkpoints:
         model = c.family.model_class(c.config).from_pretrained(c.reader.path, dtype=dtype).to(device).eval()
-        scores.append(evaluate_tasks(model, tokenizer, task_set, options.task_limit, options.batch_size))
+        scores.append(evaluate_tasks(model, tokenizer, task_set, options.task_limit, options.forward.batch_size))
         del model
     return {name: TaskResult(metric=a.metric, original=a.value, original_stderr=a.stderr, compressed=b.value,
                              compressed_stderr=b.stderr, change=b.value - a.value,
