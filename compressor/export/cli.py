@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
+from compressor.cli_support import output_validation_options, run_options
 from compressor.data.sources import SOURCE_FORMS, parse_named_sources
 from compressor.export.exporter import (
-    COMPENSATIONS, DistillOptions, ExportOptions, ExportValidation, FitOptions, RunOptions, export_checkpoint, parse_size,
+    COMPENSATIONS, DistillOptions, ExportOptions, FitOptions, export_checkpoint, parse_size,
 )
-from compressor.evaluation.harness import parse_task_gate, parse_task_names
-from compressor.validation.runner import parse_ppl_gate
 
 
 @click.command()
@@ -26,36 +25,19 @@ from compressor.validation.runner import parse_ppl_gate
 @click.option("--max-shard-size", default="5GB", show_default=True, help="largest output shard, e.g. 2GB")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="calibration tokens in all")
-@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--distill-steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--distill-router", is_flag=True, help="distill also trains the kept experts' router rows")
 @click.option("--distill-e2e-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="then this many end-to-end steps on the original's next-token distribution (whole model in memory)")
 @click.option("--distill-e2e-lr", type=click.FloatRange(min=0, min_open=True), default=4e-4, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (fitting)")
-@click.option("--dtype", default="float32", show_default=True, help="compute dtype for fitting")
+@run_options("fitting and validation")
 @click.option("--revision", default=None, help="Hub revision of MODEL")
 @click.option("--overwrite", is_flag=True, help="replace an existing OUT")
-@click.option("--no-validate", is_flag=True, help="skip the validation at the end")
-@click.option("--validate-on", multiple=True, metavar="NAME=SOURCE",
-              help="held-out data for the validation (default: the evaluation split of demo calibration domains)")
-@click.option("--max-ppl-increase", default=None, metavar="X|NAME=X,...",
-              help="validation gate: 0.05 for every domain, or code=0.05,english=0.5")
-@click.option("--min-cosine", type=float, default=None, help="validation gate on hidden-state cosine")
-@click.option("--validate-tasks", multiple=True, metavar="TASK[,TASK...]",
-              help="lm-evaluation-harness tasks the validation scores on both models (see validate --tasks)")
-@click.option("--task-limit", type=click.IntRange(min=1), default=None, help="documents per task (the first N)")
-@click.option("--tasks-include", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
-              help="a folder of harness task YAML files to find tasks in")
-@click.option("--max-task-drop", default=None, metavar="X|TASK=X,...",
-              help="validation gate: a task's score may drop at most this much (absolute), e.g. demo_math_answer=0.02")
+@output_validation_options("original vs OUT")
 @click.option("--push-to-hub", metavar="REPO_ID", default=None,
               help="then upload OUT to this Hub model repo unless validation failed (token: HF_TOKEN or hf auth login)")
-def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, seq_len, batch_size,
-           distill_steps, distill_router, distill_e2e_steps, distill_e2e_lr, device, dtype, revision, overwrite,
-           no_validate, validate_on, max_ppl_increase, min_cosine, validate_tasks, task_limit, tasks_include,
-           max_task_drop, push_to_hub):
+def export(model, plan_path, output, compensation, calibration, max_shard_size, max_tokens, distill_steps,
+           distill_router, distill_e2e_steps, distill_e2e_lr, run, revision, overwrite, validation, push_to_hub):
     """Write MODEL pruned by PLAN.json into OUT, shard by shard, without loading the model."""
     from compressor.planning import Plan
 
@@ -66,16 +48,11 @@ def export(model, plan_path, output, compensation, calibration, max_shard_size, 
     plan = Plan.load(plan_path)
     options = ExportOptions(
         compensation=compensation, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, revision=revision,
-        run=RunOptions(device=device, dtype=dtype, seq_len=seq_len, batch_size=batch_size),
+        run=run,
         fit=FitOptions(calibration=parse_named_sources(calibration) if calibration else {}, max_tokens=max_tokens,
                        distill=DistillOptions(steps=distill_steps, router=distill_router, e2e_steps=distill_e2e_steps,
                                               e2e_lr=distill_e2e_lr)),
-        validation=ExportValidation(enabled=not no_validate,
-                                    data=parse_named_sources(validate_on) if validate_on else {},
-                                    max_ppl_increase=parse_ppl_gate(max_ppl_increase), min_cosine=min_cosine,
-                                    tasks=tuple(parse_task_names(validate_tasks)), task_limit=task_limit,
-                                    tasks_include=tuple(map(str, tasks_include)),
-                                    max_task_drop=parse_task_gate(max_task_drop)),
+        validation=validation,
     )
     result = export_checkpoint(model, plan, output, options)
     click.echo(f"wrote {result.output}: {result.tensors} tensors, {result.bytes / 2**30:.2f} GiB, "
