@@ -17,11 +17,8 @@ TORCH_SPEC="torch==2.13.0"
 VENV=${LLMCOMPRESSOR_VENV:-$HOME/.cache/moe-compress/venv-llmcompressor-0.14.0.1}
 stamp="$VENV/.moe-compress-llmcompressor-installed"
 want="$LLMC_SPEC $TORCH_SPEC"
-
-fail() {
-  echo "error: $*" >&2
-  exit 1
-}
+# shellcheck source=venv_lib.sh
+. scripts/venv_lib.sh
 
 probe() {
   # llm-compressor's REAP modifier imports, with the CPU torch we asked for.
@@ -40,19 +37,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && probe; then
 fi
 
 start=$(date +%s)
-mkdir -p "$(dirname "$VENV")" || fail "could not create the parent directory of $VENV"
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV" || fail "could not create $VENV with $PYTHON (set PYTHON to a Python 3.10-3.13 with venv)"
-fi
-links=()
-[ -d /opt/wheels ] && links=(--find-links /opt/wheels)
-"$VENV/bin/python" -m pip install --quiet --upgrade pip \
-  || fail "could not upgrade pip in $VENV (no network to PyPI?)"
-# torch first, pinned, on its own: left to llmcompressor's resolver an unpinned torch pulls a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$TORCH_SPEC" \
-  || fail "could not install $TORCH_SPEC (CPU) into $VENV; see pip's output above"
-"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$LLMC_SPEC" "$TORCH_SPEC" \
-  || fail "could not install $LLMC_SPEC into $VENV (needs PyPI); see pip's output above"
+create_venv_with_cpu_torch "$LLMC_SPEC"
 if ! probe; then
   "$VENV/bin/python" -c "from llmcompressor.modifiers.pruning import REAPPruningModifier" 2>&1 | tail -n 3 >&2 || true
   fail "$LLMC_SPEC installed into $VENV but does not import (traceback above); remove $VENV, rerun this script"

