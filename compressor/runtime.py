@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +126,18 @@ class Distributed:
 # -- running a model one decoder layer at a time -------------------------------------------------------
 
 
+ACTIVATIONS_PREFIX = "moe-compress-activations-"
+
+
 class ActivationStore:
-    """Hidden states of every batch between layers: in RAM up to a budget, then spilled to disk."""
+    """Hidden states of every batch between layers: in RAM up to a budget, then spilled to a scratch folder (which a
+    later run removes if this process is killed before `close`)."""
 
     def __init__(self, budget_bytes: int = 2 * 2**30):
         self.budget = budget_bytes
         self.items: list[torch.Tensor | Path | None] = []
         self.in_memory = 0
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._dir = None  # ScratchDirectory, made at the first spill
 
     def __len__(self) -> int:
         return len(self.items)
@@ -151,8 +154,10 @@ class ActivationStore:
             self.in_memory += nbytes
             return
         if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="moe-compress-activations-")
-        path = Path(self._dir.name) / f"{index}.pt"
+            from compressor.io.atomic import ScratchDirectory
+
+            self._dir = ScratchDirectory(ACTIVATIONS_PREFIX)
+        path = self._dir.path / f"{index}.pt"
         torch.save(tensor.cpu(), path)
         self.items[index] = path
 

@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from compressor.io import CheckpointReader
+from compressor.runtime import ActivationStore
 from compressor.io.atomic import exchange, remove_stale_staging, rename_noreplace, write_text_atomic
 from compressor.errors import UserError
 from helpers import TINY, save_tiny_checkpoint, stage_options, write_jsonl
@@ -210,3 +212,38 @@ def test_stale_staging_is_removed_only_when_its_owner_is_gone(tmp_path):
     assert staging_of(tmp_path) == []
     assert not (tmp_path / "busy").exists() and not (tmp_path / "gone").exists()
     assert os.listdir(tmp_path) == []
+
+
+_SPILL_AND_WAIT = """
+import sys, time, torch
+from compressor.runtime import ActivationStore
+store = ActivationStore(budget_bytes=0)
+store.put(0, torch.ones(4))
+print(store.items[0].parent, flush=True)
+time.sleep(600)
+"""
+
+
+def test_spilled_activations_of_a_killed_run_are_removed_by_the_next_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    runs = [subprocess.Popen([sys.executable, "-c", _SPILL_AND_WAIT], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)}) for _ in range(2)]
+    killed, alive = runs
+    try:
+        folders = [Path(run.stdout.readline().strip()) for run in runs]
+        assert all(f.parent == tmp_path and (f / "0.pt").is_file() for f in folders)
+        killed.kill()
+        killed.wait()
+        import tempfile
+
+        monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+        store = ActivationStore(budget_bytes=0)
+        store.put(0, torch.zeros(2))
+        assert not folders[0].exists() and not folders[0].with_name(folders[0].name + ".lock").exists()
+        assert (folders[1] / "0.pt").is_file()  # its owner is alive
+        mine = store.items[0].parent
+        store.close()
+        assert not mine.exists() and not mine.with_name(mine.name + ".lock").exists()
+    finally:
+        alive.kill()
+        alive.wait()

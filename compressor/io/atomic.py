@@ -17,6 +17,7 @@ import fcntl
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -108,6 +109,46 @@ def remove_stale_staging(folder: Path) -> list[Path]:
             elif staged.exists() or staged.is_symlink():
                 staged.unlink(missing_ok=True)
                 removed.append(staged)
+        lock.unlink(missing_ok=True)
+    return removed
+
+
+class ScratchDirectory:
+    """A private scratch folder (``PREFIX<id>`` in the system's temp folder, or `parent`), locked by its owner while
+    it lives (``PREFIX<id>.lock``); making one first removes those whose owner is gone (killed, even by SIGKILL)."""
+
+    def __init__(self, prefix: str, parent: Path | None = None):
+        parent = Path(parent or tempfile.gettempdir())
+        remove_stale_scratch(parent, prefix)
+        name = f"{prefix}{uuid.uuid4().hex[:12]}"
+        self.lock, self.path = parent / f"{name}.lock", parent / name
+        self._lock_fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.mkdir(self.path, 0o700)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            self.lock.unlink(missing_ok=True)
+
+
+def remove_stale_scratch(parent: Path, prefix: str) -> list[Path]:
+    """Remove `prefix` scratch folders in `parent` (`ScratchDirectory`) whose owner is gone; returns what went."""
+    pattern = re.compile(re.escape(prefix) + r"[0-9a-f]{12}\.lock")
+    removed = []
+    try:
+        locks = [p for p in Path(parent).iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return removed
+    for lock in locks:
+        if _owner_alive(lock):
+            continue
+        folder = lock.with_name(lock.name.removesuffix(".lock"))
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
         lock.unlink(missing_ok=True)
     return removed
 
