@@ -88,3 +88,17 @@ def stage_options(cls, **fields):
     names = {f.name for f in dataclasses.fields(ForwardOptions)}
     forward = ForwardOptions(**{k: v for k, v in fields.items() if k in names})
     return cls(forward=forward, **{k: v for k, v in fields.items() if k not in names})
+
+
+def rtn(weight: torch.Tensor, scheme: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dequantized weight, scale per element) of a [out, in] bf16 weight, written independently of the tool."""
+    w = weight.float()
+    if scheme == "fp8-dynamic":
+        scale = (w.abs().amax(1, keepdim=True) / 448.0).to(weight.dtype)
+        ratio = (weight / scale).float().clamp(-448, 448)  # w / scale in the weight's dtype, then to fp8
+        return ratio.to(torch.float8_e4m3fn).float() * scale.float(), scale.float().expand_as(w)
+    bits = 8 if scheme == "w8a16" else 4
+    grouped = weight.unflatten(1, (-1, group)) if group else weight.unsqueeze(1)
+    scale = (grouped.float().abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)).to(weight.dtype)
+    q = torch.clamp(torch.round((grouped / scale).float()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q * scale.float()).reshape(w.shape), scale.float().expand_as(grouped).reshape(w.shape)

@@ -973,3 +973,44 @@ def test_torchrun_profile_of_a_native_family_equals_one_process(checkpoints, row
         other = b["domains"]["r"]["layers"][layer]
         assert stats["selected"] == other["selected"] and stats["top1"] == other["top1"]
         assert other["gate_mass"] == pytest.approx(stats["gate_mass"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in NAMES if family_name(n) not in ("deepseek_moe", "gpt_oss")])
+def test_w4a16_output_computes_what_the_round_to_nearest_weights_compute(checkpoints, name, tmp_path, capsys):
+    """Quantized (w4a16, groups of 8) after pruning, the output loads in transformers, which computes what the
+    export computes with every decoder-layer Linear's weight replaced by its round-to-nearest, written here; only
+    the routers are left unquantized (DeepSeekMoE: tests/test_quantize.py; gpt-oss: --scheme mxfp4, test_mxfp4.py)."""
+    from safetensors.torch import save_file
+    from transformers import CompressedTensorsConfig
+
+    from helpers import rtn
+
+    model, directory = checkpoints[name]
+    out, quantized = tmp_path / "out", tmp_path / "quantized"
+    code, _, err = run_cli(["export", directory, write_plan(directory, tmp_path / "plan.json", keep_for(model), 1),
+                            "-o", out, "--no-validate"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["quantize", out, "-o", quantized, "--scheme", "w4a16", "--group-size", "8",
+                            "--no-validate"], capsys)
+    assert code == 0, err
+    exported = disk(out)
+    names = {n.removesuffix("_packed") for n in disk(quantized) if n.endswith(".weight_packed")}
+    linear = {n for n, t in exported.items() if ".layers." in n and n.endswith(".weight") and t.ndim == 2
+              and "norm" not in n}
+    assert names <= linear and any(".experts." in n for n in names)
+    assert all(n.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")) for n in linear - names), \
+        sorted(linear - names)  # only the routers stay as they are
+    expected_dir = tmp_path / "expected"
+    expected_dir.mkdir()
+    save_file({n: (rtn(t, "w4a16", 8)[0].to(t.dtype) if n in names else t).contiguous()
+               for n, t in exported.items()}, expected_dir / "model.safetensors", metadata={"format": "pt"})
+    (expected_dir / "config.json").write_text((out / "config.json").read_text())
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(expected_dir, dtype=torch.float32).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(quantized, dtype=torch.float32, quantization_config=(
+            CompressedTensorsConfig(dequantize=True))).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (plain - expected).abs().max() > 1e-3  # the 4 bits matter

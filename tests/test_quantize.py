@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import compressor  # noqa: F401  registers the DeepSeekMoE classes
 from compressor.quantize import QuantizeOptions, quantize_checkpoint
-from helpers import run_cli, write_jsonl
+from helpers import rtn, run_cli, write_jsonl
 from test_serving import KEEP16, REFERENCE, export, hand_plan, prompts, shared, vllm_python  # noqa: F401  (a fixture)
 
 GROUP = 16  # divides the reference model's widths (160, 48, 96, 640)
@@ -58,20 +58,6 @@ def _load(path: Path, dequantize: bool = False):
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}
-
-
-def rtn(weight: torch.Tensor, scheme: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dequantized weight, scale per element) of a [out, in] bf16 weight, written independently of the tool."""
-    w = weight.float()
-    if scheme == "fp8-dynamic":
-        scale = (w.abs().amax(1, keepdim=True) / 448.0).to(weight.dtype)
-        ratio = (weight / scale).float().clamp(-448, 448)  # w / scale in the weight's dtype, then to fp8
-        return ratio.to(torch.float8_e4m3fn).float() * scale.float(), scale.float().expand_as(w)
-    bits = 8 if scheme == "w8a16" else 4
-    grouped = weight.unflatten(1, (-1, group)) if group else weight.unsqueeze(1)
-    scale = (grouped.float().abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)).to(weight.dtype)
-    q = torch.clamp(torch.round((grouped / scale).float()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    return (q * scale.float()).reshape(w.shape), scale.float().expand_as(grouped).reshape(w.shape)
 
 
 CHECKED = ("model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.mlp.shared_experts.down_proj.weight")
