@@ -1014,3 +1014,39 @@ def test_w4a16_output_computes_what_the_round_to_nearest_weights_compute(checkpo
         plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (plain - expected).abs().max() > 1e-3  # the 4 bits matter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in NAMES if ":" not in n])
+def test_every_family_is_scored_on_tasks_as_computed_here(name, tmp_path, capsys):
+    """`validate --tasks` on each family's tiny model (the reference model's vocabulary and tokenizer) and its pruned
+    output: both multiple-choice accuracies equal the per-choice log-likelihood argmax computed without the harness
+    (tests/test_tasks.py's), document by document."""
+    import shutil
+
+    from compressor.runtime import load_tokenizer
+    from compressor.validation.schema import ValidationReport
+    from test_tasks import CODE, REFERENCE, choice_accuracy, load, rows
+
+    DOCUMENTS = 12
+    config_class, model_class, extra, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    config = config_class(**{**COMMON, **extra, "vocab_size": 8192})
+    config._attn_implementation = "eager"
+    model = model_class(config).eval()
+    _decisive(model, torch.Generator().manual_seed(1))
+    original, pruned, report = tmp_path / "original", tmp_path / "pruned", tmp_path / "validation.json"
+    model.save_pretrained(original)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(REFERENCE / file, original / file)
+    code, _, err = run_cli(["export", original, write_plan(original, tmp_path / "plan.json", keep_for(model), 1),
+                            "-o", pruned, "--no-validate"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["validate", original, pruned, "--tasks", CODE, "--task-limit", DOCUMENTS, "--device", "cpu",
+                            "-o", report], capsys)
+    assert code == 0, err
+    scored = ValidationReport.load(report).tasks[CODE]
+    tokenizer = load_tokenizer(original)
+    for side, path in (("original", original), ("compressed", pruned)):
+        expected = choice_accuracy(load(path), tokenizer, rows(CODE, DOCUMENTS))
+        assert getattr(scored, side) == pytest.approx(sum(expected) / len(expected)), side
