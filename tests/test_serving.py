@@ -323,7 +323,8 @@ def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
     assert [len(tokens) for tokens in entry["generated"]] == [8] * PROMPTS
     rows = entry["prompt_logprobs"]
     assert len(rows) == PROMPTS and all(len(r) == PROMPT_LEN and r[0] is None for r in rows)
-    worst, compared = transformers_logprob_diff(directory, prompts(), rows)
+    gap = transformers_logprob_diff(directory, prompts(), rows)
+    worst, compared = gap["max_abs_diff"], gap["compared"]
     assert compared >= PROMPTS * (PROMPT_LEN - 1) * 20
     assert worst <= TOLERANCE, f"{directory.name}: vLLM's prompt logprobs differ from ours by {worst:.2e}"
     return worst

@@ -26,6 +26,7 @@ def write_quantized_card(directory: Path, source: Path, path_hint: str, provenan
         f"model: {_size(provenance['source_bytes'])})",
         f"- load: `AutoModelForCausalLM.from_pretrained(\"{path_hint}\")` (transformers dequantizes with "
         "compressed-tensors installed); serve with vLLM as below (vLLM's CPU build serves w4a16 only)",
+        *([f"- vLLM's CPU build: {q['vllm_cpu']}; serve it with a GPU build"] if q.get("vllm_cpu") else []),
         "",
         "The sections after this one describe the unquantized export; its validation report is "
         "`export_validation.json` (plots in `export_plots/`).",
