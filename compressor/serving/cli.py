@@ -123,6 +123,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
         sys.exit(1)
     extra = f" --compilation-config '{json.dumps(compilation)}'" if compilation else ""
     if result.get("platform") == "cpu":
+        extra += f" --dtype {family.vllm_cpu_dtype}" if family.vllm_cpu_dtype else ""
         extra += "".join(f" --{key.replace('_', '-')} {value}"
                          for key, value in family.vllm_cpu_engine_args.items())
     click.echo(f"servable: {info.serve_command(result.get('vllm_command_works', True))}{extra}")
@@ -130,8 +131,8 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
 
 
 def _gap(gap: dict) -> str:
-    return (f"max |diff| {gap['max_abs_diff']:.2e}, mean |diff| {gap['mean_abs_diff']:.2e} over {gap['compared']} "
-            f"values, top-1 agreement {gap['top1_agreement']:.3f} of {gap['positions']} positions")
+    return (f"max |diff| {gap['max_abs_diff']:.2e} (mean {gap['mean_abs_diff']:.2e}) over {gap['compared']} values, "
+            f"top-1 agreement {gap['top1_agreement']:.3f} of {gap['positions']} positions")
 
 
 __all__ = ["serve_check"]

@@ -73,7 +73,8 @@ def _transformers_compare(path: str, prompts: list, vllm_rows: list, trust_remot
                                                  dtype=torch.float32)
     model.eval()
     with torch.no_grad():
-        logprobs = [torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1) for ids in prompts]
+        logprobs = [torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+                    for ids in prompts]
     result = {
         **logprob_gap(logprobs, vllm_rows),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
