@@ -173,7 +173,11 @@ def test_output_format_config_provenance_and_card(outputs):
 def test_w4a16_of_expert_width_48_is_marked_as_not_serving_on_vllms_cpu_build(outputs):
     """The reference model's experts are 48 wide: its w4a16 outputs (groups or channels) say in provenance and card
     that vLLM's CPU build will not serve them correctly; the other schemes do not."""
+    from compressor.serving import check_servable
+
     for label in ("fp8-dynamic", "w8a16", "w4a16", "w4a16-channel"):
+        info = check_servable(outputs[label])
+        assert (info.quantization, info.expert_widths) == (label.removesuffix("-channel"), dict.fromkeys(range(1, 5), 48))
         provenance = json.loads((outputs[label] / "moe_compress_provenance.json").read_text())["quantization"]
         card = (outputs[label] / "README.md").read_text()
         if label.startswith("w4a16"):

@@ -37,7 +37,8 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
                 timeout):
     """Check that vLLM serves OUT: expert counts that agree with the tensors (per-layer counts: moe-compress's vLLM
     plugin installed), the shipped configuration file, a load and a generation in vLLM, and (--compare) prompt logprobs
-    equal to moe-compress's transformers implementation.
+    within the limits for what vLLM computes in (fp32, bf16, quantized weights) of moe-compress's transformers
+    implementation.
 
     Exit 0: servable; 1: vLLM failed or its logprobs differ; 2: bad input (not servable, or vLLM missing)."""
     from compressor.serving.check import (
