@@ -316,6 +316,10 @@ def test_recipe_stage_quantizes_the_export_validated_and_skips_when_up_to_date(t
     assert code == 0 and "quantize: wrote" in out
     assert json.loads((quantized / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
         "weights"]["strategy"] == "channel"
+    code, _, err = run_cli(["run", tmp_path / "recipe.yaml", "--set", "quantize.scheme=w4a16"], capsys)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]  # TINY's experts are 16 wide
+    assert code == 0 and len(warnings) == 1 and "will not serve correctly on vLLM's CPU build" in warnings[0], err
+    assert warnings[0].startswith(f"warning: {tmp_path / 'work' / 'model-w4a16'} ") and "(this model's: 16)" in err
     code, _, err = run_cli(["run", tmp_path / "recipe.yaml", "--set", "quantize.scheme=int3"], capsys)
     assert code == 2 and "quantize.scheme" in err
 
