@@ -24,8 +24,8 @@ _EXAMPLE = '{"custom_ops": ["all", "-rotary_embedding"]}'
               help="limit on max |logprob difference| for fp32 runs (default 1e-4), on the mean |difference| for "
                    "bf16 and quantized runs (defaults: README)")
 @click.option("--dtype", default=None,
-              help="vLLM dtype (default with --compare: float32; bfloat16 for quantized outputs and for families "
-                   "vLLM's CPU build runs in bf16 only; else auto)")
+              help="vLLM dtype (default: what vLLM's CPU build needs for the family, there; with --compare "
+                   "float32, bfloat16 for quantized outputs; else auto)")
 @click.option("--max-model-len", type=click.IntRange(min=16), default=512, show_default=True)
 @click.option("--kv-cache-gib", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU backend: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
@@ -66,8 +66,9 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
     check_plugin(python, info)
     cpu = check_cpu_build(python, info)
     family = get_family(info.family)
-    if not dtype and compare:
-        dtype = ("bfloat16" if info.quantization else None) or (family.vllm_cpu_dtype if cpu else None) or "float32"
+    if not dtype:
+        dtype = (family.vllm_cpu_dtype if cpu else None) or (
+            ("bfloat16" if info.quantization else "float32") if compare else "auto")
     limits = compare_limits(info.quantization, dtype, tolerance) if compare else None
     counts = sorted(set(info.per_layer.values()))
     experts = (f"{counts[0]} to {counts[-1]} routed experts per layer ({info.architecture}, moe-compress's vLLM "
@@ -77,7 +78,7 @@ def serve_check(output, vllm_python, compare, tolerance, dtype, max_model_len, k
     prompts = check_prompts(output)
     request = {
         "models": [{"path": str(output.resolve()), "label": output.name}],
-        "dtype": dtype or "auto",
+        "dtype": dtype,
         "max_model_len": max_model_len,
         "kv_cache_gib": kv_cache_gib,
         "trust_remote_code": info.trust_remote_code,
