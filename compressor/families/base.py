@@ -119,6 +119,7 @@ class FamilyAdapter:
     vllm_reads_shipped_config: ClassVar[str | None] = None  # the shipped configuration file vLLM must read
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
+    vllm_cpu_dtype: ClassVar[str | None] = None  # the dtype vLLM's CPU build must run the family in (None: any)
     # why vLLM's CPU build cannot run this family's outputs as transformers does (serve-check refuses them there)
     vllm_cpu_unsupported: ClassVar[str | None] = None
     # config.json values vLLM reads to route as transformers does (transformers' config class may not write them)

