@@ -209,6 +209,24 @@ class LayerwiseModel:
         self.model = self.layout.model  # built on meta by the layout
         self.model.eval()
         self._rotary = None
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        """Refuse up front (UserError) when the largest decoder layer's weights alone, in the compute dtype, exceed
+        the device's free memory: materialising it would only end in an out-of-memory kill later."""
+        import psutil
+
+        sizes = [sum(t.numel() for t in self.layer(i).state_dict().values()) for i in range(self.num_layers)]
+        layer = max(range(len(sizes)), key=sizes.__getitem__)
+        needed = sizes[layer] * torch.empty((), dtype=self.dtype).element_size()
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else \
+            psutil.virtual_memory().available
+        if needed > free:
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise UserError(f"one decoder layer at a time still needs decoder layer {layer} whole: "
+                            f"{sizes[layer] / 1e9:.2f} G parameters in {dtype} are {needed / 2**30:.1f} GiB, but "
+                            f"{free / 2**30:.1f} GiB is free on {self.device}; use a device with more memory"
+                            + (" or --dtype bfloat16" if self.dtype == torch.float32 else ""))
 
     @property
     def num_layers(self) -> int:

@@ -402,3 +402,25 @@ def test_the_cases_cover_every_command(world, tmp_path):
     assert {"inspect", "profile", "lens", "plan", "export", "validate", "report", "run", "push",
             "serve-check"} <= commands
 
+
+
+@pytest.mark.parametrize("command", ["profile", "lens", "validate"])
+def test_a_layer_larger_than_free_memory_is_refused_before_any_work(command, world, tmp_path, capsys, monkeypatch):
+    """--layerwise holds one decoder layer: one whose weights alone exceed the free memory is refused up front."""
+    import psutil
+
+    layer_bytes = 4 * (TINY["n_routed_experts"] * 3 * TINY["hidden_size"] * TINY["moe_intermediate_size"])
+    free = psutil.virtual_memory()._replace(available=layer_bytes // 2)  # less than one MoE layer's experts
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    argv = {"profile": ["profile", M(world), "-d", D(world), "-o", tmp_path / "p.json"],
+            "lens": ["lens", M(world), "-d", D(world), "-o", tmp_path / "l.json"],
+            "validate": ["validate", M(world), world.out, "-d", D(world), "-o", tmp_path / "v.json"]}[command]
+    before = _snapshot(world.root, tmp_path)
+    code, out, err = run_cli([*argv, "--layerwise", "--device", "cpu", "--seq-len", "16"], capsys)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: one decoder layer at a time still needs decoder layer ")
+    assert "GiB is free on cpu" in err and "--dtype bfloat16" in err
+    assert _snapshot(world.root, tmp_path) == before
+    monkeypatch.undo()
+    code, _, err = run_cli([*argv, "--layerwise", "--device", "cpu", "--seq-len", "16"], capsys)  # real free memory: runs
+    assert code == 0, err
