@@ -159,30 +159,45 @@ def check_plugin(python: str, info: ServingInfo) -> None:
     outputs with per-layer expert counts; nothing to check for uniform ones)."""
     if not info.architecture:
         return
-    state = plugin_state(python)
     counts = sorted(set(info.per_layer.values())) or [info.experts]
     what = (f"{info.directory} keeps {counts[0]} to {counts[-1]} experts per layer" if len(counts) > 1 else
             f"{info.directory} names the per-layer architecture {info.architecture}")
-    if not state.get("installed"):
-        raise UserError(f"{what}: vLLM serves that only with moe-compress's vLLM plugin, which {python} does not "
-                        f"have; {PLUGIN_HINT}")
-    if not state.get("enabled"):
-        raise UserError(f"{what}: VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves out moe-compress's vLLM "
-                        f"plugin; add {PLUGIN_ENTRY_POINT} to it or unset it")
-    if info.architecture not in state.get("architectures", []):
-        raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
-                        f"does not register {info.architecture}; {PLUGIN_HINT} (again, to update it)")
+    _require_plugin(python, what, "vLLM serves that only with moe-compress's vLLM plugin", "architectures",
+                    info.architecture, info.architecture)
 
 
 def check_cpu_build(python: str, info: ServingInfo) -> None:
     """UserError when `python`'s vLLM is a CPU build and the family adapter says that build cannot run its outputs
-    as transformers does (`vllm_cpu_unsupported`)."""
+    as transformers does (`vllm_cpu_unsupported`), or does so only with moe-compress's plugin
+    (`vllm_cpu_plugin_routing`) and the plugin is not there to register its CPU variant of the family's class."""
     from compressor.families import get_family
 
-    why = get_family(info.family).vllm_cpu_unsupported
-    if why and vllm_cpu_build(python):
+    family = get_family(info.family)
+    why, routing = family.vllm_cpu_unsupported, family.vllm_cpu_plugin_routing
+    if not (why or routing) or not vllm_cpu_build(python):
+        return
+    if why:
         raise UserError(f"{info.directory}: the CPU build of vLLM at {python} cannot serve {info.family} outputs as "
                         f"moe-compress validated them: {why}; serve-check it with a GPU build of vLLM")
+    architecture = family.vllm_architectures[0]
+    _require_plugin(python, f"{info.directory}: {routing}",
+                    f"the CPU build of vLLM at {python} routes {info.family} outputs as transformers does only with "
+                    "moe-compress's vLLM plugin (its grouped router, one group)", "cpu_routing", architecture,
+                    f"its CPU variant of {architecture}")
+
+
+def _require_plugin(python: str, what: str, needs: str, table: str, architecture: str, registers: str) -> None:
+    """UserError (`what`: ...) unless `python`'s vLLM loads moe-compress's plugin and its `table` (plugin_state) has
+    `architecture`."""
+    state = plugin_state(python)
+    if not state.get("installed"):
+        raise UserError(f"{what}: {needs}, which {python} does not have; {PLUGIN_HINT}")
+    if not state.get("enabled"):
+        raise UserError(f"{what}: VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves out moe-compress's vLLM "
+                        f"plugin; add {PLUGIN_ENTRY_POINT} to it or unset it")
+    if architecture not in state.get(table, []):
+        raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
+                        f"does not register {registers}; {PLUGIN_HINT} (again, to update it)")
 
 
 def vllm_cpu_build(python: str) -> bool:
@@ -207,13 +222,15 @@ state = {{"installed": {PLUGIN_ENTRY_POINT!r} in names,
           "enabled": allowed is None or {PLUGIN_ENTRY_POINT!r} in allowed.split(",")}}
 if state["installed"]:
     import moe_compress_vllm
-    state.update(architectures=sorted(moe_compress_vllm.ARCHITECTURES), version=metadata.version("moe-compress-vllm"))
+    state.update(architectures=sorted(moe_compress_vllm.ARCHITECTURES), version=metadata.version("moe-compress-vllm"),
+                 cpu_routing=sorted(getattr(moe_compress_vllm, "CPU_ROUTING", {{}})))
 print(json.dumps(state))
 """
 
 
 def plugin_state(python: str) -> dict:
-    """What `python` has of moe-compress's vLLM plugin: installed, enabled (VLLM_PLUGINS), architectures, version."""
+    """What `python` has of moe-compress's vLLM plugin: installed, enabled (VLLM_PLUGINS), architectures (per-layer),
+    cpu_routing (the vLLM classes it replaces on CPU), version."""
     try:
         done = subprocess.run([python, "-c", _PLUGIN_PROBE], capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
