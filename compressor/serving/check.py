@@ -193,8 +193,8 @@ def _require_plugin(python: str, what: str, needs: str, table: str, architecture
     if not state.get("installed"):
         raise UserError(f"{what}: {needs}, which {python} does not have; {PLUGIN_HINT}")
     if not state.get("enabled"):
-        raise UserError(f"{what}: VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves out moe-compress's vLLM "
-                        f"plugin; add {PLUGIN_ENTRY_POINT} to it or unset it")
+        raise UserError(f"{what}: {needs}, and VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves it out; "
+                        f"add {PLUGIN_ENTRY_POINT} to it or unset it")
     if architecture not in state.get(table, []):
         raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
                         f"does not register {registers}; {PLUGIN_HINT} (again, to update it)")
