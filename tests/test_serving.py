@@ -786,6 +786,15 @@ def test_serve_check_refuses_cpu_routed_families_without_the_plugin(vllm_python,
 
 
 @pytest.mark.slow
+def test_model_cards_of_cpu_routed_families_name_the_plugin(outputs):
+    note = "On vLLM's CPU build, install moe-compress's vLLM plugin there first"
+    for name in (*CPU_PLUGIN_ROUTED.values(), "qwen3"):
+        card = (outputs[name] / "README.md").read_text()
+        assert "Serve with vLLM: `vllm serve" in card, name
+        assert (note in card) is (name in CPU_PLUGIN_ROUTED.values()), name
+
+
+@pytest.mark.slow
 def test_serve_check_passes_on_a_cpu_routed_output_with_the_plugin(vllm_plugin, outputs, capsys):
     code, out, err = run_cli(["serve-check", str(outputs["ernie"]), "--vllm-python", vllm_plugin], capsys)
     assert code == 0, out + err
