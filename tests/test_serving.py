@@ -1,11 +1,13 @@
 """Serving compressed outputs with vLLM: uniform DeepSeekMoE, DeepSeek-V2, Qwen3-MoE, DeepSeek-V3 (grouped router),
 GLM-4.5 and gpt-oss outputs load and generate in vLLM without moe-compress's plugin, and their prompt logprobs (fp32)
-equal moe-compress's transformers implementation on the same tokens; outputs with per-layer expert counts of every
-family that has a per-layer architecture (the reference model, tiny random Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE,
-DeepSeek-V2, DeepSeek-V3, GLM-4.5 and gpt-oss) do the same in vLLM through the plugin (plugins/vllm); top-1 routing
-with and without renormalisation means the same in both runtimes; the shipped configuration/modeling files run under
-vLLM's transformers as well as ours; `moe-compress serve-check`, its bad-input errors, its refusal of the families
-vLLM's CPU build cannot run as we do (MiniMax-M2, ERNIE-4.5), and Qwen3-Next, which that build runs in bf16 only.
+equal moe-compress's transformers implementation on the same tokens; uniform MiniMax-M2 and ERNIE-4.5 outputs do the
+same with the plugin, which on vLLM's CPU build routes them through vLLM's grouped router (one group); outputs with
+per-layer expert counts of every family that has a per-layer architecture (the reference model, tiny random
+Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2, DeepSeek-V3, GLM-4.5, gpt-oss, MiniMax-M2 and ERNIE-4.5) do the
+same in vLLM through the plugin (plugins/vllm); top-1 routing with and without renormalisation means the same in both
+runtimes; the shipped configuration/modeling files run under vLLM's transformers as well as ours; `moe-compress
+serve-check`, its bad-input errors, its refusal of MiniMax-M2 and ERNIE-4.5 outputs on a CPU build without the plugin,
+and Qwen3-Next, which that build runs in bf16 only.
 
 vLLM lives in its own venv (`.venv-vllm`, made by scripts/setup_vllm.sh with the plugin; $MOE_COMPRESS_VLLM_PYTHON
 overrides the interpreter). Without it the vLLM tests are skipped with a reason naming the script; the bad-input tests
@@ -178,12 +180,13 @@ KEEP16 = list(range(0, 64, 4))
 # per-layer outputs, with the family they are of (served by the vLLM plugin)
 PER_LAYER = {"nonuniform": "deepseek_moe", "qwen3-nonuniform": "qwen3_moe", "qwen2-nonuniform": "qwen2_moe",
              "mixtral-nonuniform": "mixtral", "olmoe-nonuniform": "olmoe", "v2-nonuniform": "deepseek_v2",
-             "v3-nonuniform": "deepseek_v3", "glm4-nonuniform": "glm4_moe", "gptoss-nonuniform": "gpt_oss"}
-# NEW_FAMILIES outputs: {family: name}; the first three serve in vLLM's CPU build (fp32), Qwen3-Next in bf16 only, the
-# others it cannot run as we do
+             "v3-nonuniform": "deepseek_v3", "glm4-nonuniform": "glm4_moe", "gptoss-nonuniform": "gpt_oss",
+             "minimax-nonuniform": "minimax_m2", "ernie-nonuniform": "ernie4_5_moe"}
+# NEW_FAMILIES outputs ({family: name}) by what vLLM's CPU build does with them: serves them; serves them with the
+# plugin (which routes them through vLLM's grouped CPU router); runs them in bf16 only (no per-layer architecture)
 SERVED_NEW = {"deepseek_v3": "v3", "glm4_moe": "glm4", "gpt_oss": "gptoss"}
+CPU_PLUGIN_ROUTED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie"}
 BF16_ON_CPU = {"qwen3_next": "qwen3next"}
-CPU_UNSERVED = {"minimax_m2": "minimax", "ernie4_5_moe": "ernie"}
 # experts kept per MoE layer, in order: uniform, and per-layer (2 groups of 4 in DeepSeek-V3: as many in each)
 NEW_UNIFORM_KEEP = [0, 1, 4, 5]
 NEW_PER_LAYER_KEEPS = ([0, 1, 2, 4, 5, 6], [1, 3, 5, 7], [0, 2, 3, 4, 6, 7])
@@ -213,10 +216,10 @@ def build_outputs(root: Path) -> dict[str, str]:
         name = f"{family.split('_')[0]}-nonuniform"
         outputs[name] = export(source, root / name, hand_plan(source, {0: [0, 2, 3, 5, 6], 1: [1, 4, 7],
                                                                        2: [0, 1, 2, 4, 5, 7]}, 2, "none"))
-    for family, name in {**SERVED_NEW, **BF16_ON_CPU, **CPU_UNSERVED}.items():
+    for family, name in {**SERVED_NEW, **CPU_PLUGIN_ROUTED, **BF16_ON_CPU}.items():
         source = tiny_new_family(root / f"{name}-source", family)
         outputs[name] = export(source, root / name, hand_plan(source, NEW_UNIFORM_KEEP, 2, "none"))
-        if family in SERVED_NEW:
+        if family not in BF16_ON_CPU:
             config = json.loads((source / "config.json").read_text())
             layers = detect_family(config).moe_layers(config)
             outputs[f"{name}-nonuniform"] = export(source, root / f"{name}-nonuniform", hand_plan(
@@ -305,10 +308,13 @@ def vllm_results(vllm_python, tmp_path_factory, outputs) -> dict:
 
 @pytest.fixture(scope="module")
 def vllm_plugin(vllm_python) -> str:
-    """vLLM's interpreter, once it has moe-compress's plugin with every family's per-layer architecture."""
+    """vLLM's interpreter, once it has moe-compress's plugin with every family's per-layer architecture and CPU
+    routing variant."""
     state = plugin_state(vllm_python)
     wanted = {family.vllm_per_layer_architecture for family in FAMILIES.values()} - {None}
-    if not state.get("installed") or not wanted <= set(state.get("architectures", [])):
+    routed = {family.vllm_architectures[0] for family in FAMILIES.values() if family.vllm_cpu_plugin_routing}
+    if not state.get("installed") or not wanted <= set(state.get("architectures", [])) or \
+            not routed <= set(state.get("cpu_routing", [])):
         pytest.skip(f"moe-compress's vLLM plugin is not installed (or is outdated) for {vllm_python}; rerun "
                     "scripts/setup_vllm.sh")
     return vllm_python
@@ -319,6 +325,17 @@ def vllm_per_layer_results(vllm_plugin, tmp_path_factory, outputs) -> dict:
     """Every per-layer output in vLLM with moe-compress's plugin."""
     return shared(tmp_path_factory, "serving-vllm-per-layer",
                   lambda directory: vllm_run(vllm_plugin, directory, outputs, PER_LAYER))
+
+
+# uniform outputs in vLLM with the plugin: the CPU-routed families, and one the plugin leaves to vLLM's own class
+PLUGIN_UNIFORM = (*CPU_PLUGIN_ROUTED.values(), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def vllm_plugin_uniform_results(vllm_plugin, tmp_path_factory, outputs) -> dict:
+    """PLUGIN_UNIFORM in vLLM with moe-compress's plugin."""
+    return shared(tmp_path_factory, "serving-vllm-plugin-uniform",
+                  lambda directory: vllm_run(vllm_plugin, directory, outputs, PLUGIN_UNIFORM))
 
 
 def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
@@ -335,12 +352,14 @@ def check_logprobs_equal_ours(entry: dict, directory: Path) -> float:
 
 
 def check_greedy_tokens_equal_ours(entry: dict, directory: Path) -> None:
-    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours."""
+    """vLLM's 8 greedy tokens (decoding through its KV cache) are ours (every prompt token attended to: without a mask
+    generate() masks the tokens equal to pad_token_id, ERNIE-4.5's 0, the first of the first prompt)."""
     config = json.loads((directory / "config.json").read_text())
     model = detect_family(config).model_class(config).from_pretrained(directory, dtype=torch.float32).eval()
     for ids, theirs in zip(prompts(), entry["generated"]):
         with torch.no_grad():
-            ours = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            ours = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                  max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert ours[0, len(ids):].tolist() == theirs, directory.name
 
 
@@ -387,6 +406,32 @@ def test_per_layer_outputs_serve_through_the_plugin_and_equal_ours(vllm_per_laye
     assert theirs["max_abs_diff"] <= TOLERANCE, theirs
     print(f"{name} ({family.name}, experts per layer {counts}): max |logprob diff| vs ours {worst:.2e}, vs its "
           f"shipped {theirs['class'].split('.')[-1]} under vLLM's transformers {theirs['max_abs_diff']:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, architecture", [
+    ("minimax", "MiniMaxM2ForCausalLM"), ("ernie", "Ernie4_5_MoeForCausalLM"), ("qwen3", "Qwen3MoeForCausalLM"),
+])
+def test_uniform_outputs_serve_with_the_plugin_and_equal_ours(vllm_plugin_uniform_results, outputs, name,
+                                                              architecture):
+    """With the plugin, uniform outputs keep their architecture; on vLLM's CPU build MiniMax-M2 and ERNIE-4.5 run in
+    the plugin's CPU-routing variant of vLLM's class (vanilla vLLM's CPU router fails on MiniMax-M2 and leaves out
+    ERNIE-4.5's selection bias), other families in vLLM's own class. Prompt logprobs and greedy tokens equal ours, and
+    vLLM's transformers gives the same."""
+    results = vllm_plugin_uniform_results
+    assert PLUGIN_ENTRY_POINT in results["plugins"]
+    entry = results[name]
+    assert entry["architecture"] == [architecture]
+    family = detect_family(json.loads((outputs[name] / "config.json").read_text()))
+    if family.vllm_cpu_plugin_routing and results["platform"] == "cpu":
+        assert entry["vllm_class"] == f"moe_compress_vllm.models.{architecture}CpuRouting"
+    else:
+        assert entry["vllm_class"].startswith("vllm.model_executor.models.") and entry["vllm_class"].endswith(
+            f".{architecture}"), entry["vllm_class"]
+    worst = check_logprobs_equal_ours(entry, outputs[name])
+    check_greedy_tokens_equal_ours(entry, outputs[name])
+    assert entry["transformers"]["max_abs_diff"] <= TOLERANCE, entry["transformers"]
+    print(f"{name} ({entry['vllm_class']}): max |logprob diff| vs ours {worst:.2e}")
 
 
 @pytest.mark.slow
@@ -496,6 +541,9 @@ def test_plugin_registers_every_familys_per_layer_architecture():
     assert table == {family.vllm_per_layer_architecture: (family.vllm_architectures[0], family.expert_count_key)
                      for family in FAMILIES.values() if family.vllm_per_layer_architecture}
     assert all(architecture == f"{cls}PerLayer" for architecture, (cls, _) in table.items())
+    modules = {cls: module for module, cls, _ in moe_compress_vllm.ARCHITECTURES.values()}
+    assert moe_compress_vllm.CPU_ROUTING == {family.vllm_architectures[0]: modules[family.vllm_architectures[0]]
+                                             for family in FAMILIES.values() if family.vllm_cpu_plugin_routing}
     pyproject = (PLUGIN / "pyproject.toml").read_text()
     assert f'{PLUGIN_ENTRY_POINT} = "moe_compress_vllm:register"' in pyproject
 
@@ -522,6 +570,71 @@ def test_plugin_refuses_counts_vllm_could_not_load(vllm_python):
     assert lines[:2] == ["{1: 5, 2: 3}"] * 2
     assert "layer 1 9 experts, more than num_experts=8" in lines[2]
     assert "must be a positive integer, not 0" in lines[3]
+
+
+_CPU_ROUTING_SCRIPT = """
+import json, torch
+from moe_compress_vllm.models import cpu_routing_arguments
+from vllm.model_executor.layers.fused_moe.router.cpu_router import select_experts
+
+def route(logits, top_k, arguments):
+    return select_experts(hidden_states=None, router_logits=logits, top_k=top_k, renormalize=True,
+                          **{key: arguments[key] for key in ("use_grouped_topk", "num_expert_group", "topk_group",
+                                                             "scoring_func", "e_score_correction_bias")
+                             if key in arguments})
+
+torch.manual_seed(0)
+out = []
+for scoring in ("sigmoid", "softmax"):
+    for experts, top_k in ((8, 2), (5, 3), (1, 1)):
+        logits, bias = torch.randn(64, experts), 0.3 * torch.randn(experts)
+        given = dict(num_experts=experts, top_k=top_k, scoring_func=scoring, e_score_correction_bias=bias,
+                     renormalize=True, use_grouped_topk=False)
+        case = {"scoring": scoring, "experts": experts, "top_k": top_k}
+        for label, arguments in (("plugin", cpu_routing_arguments(given)), ("vllm", given)):
+            try:
+                weights, ids = route(logits, top_k, arguments)
+                order = ids.long().sort(dim=-1)
+                case[label] = [order.values.tolist(), weights.gather(1, order.indices).tolist()]
+            except AssertionError:
+                case[label] = "AssertionError"
+        case.update(logits=logits.tolist(), bias=bias.tolist())
+        out.append(case)
+unchanged = [dict(num_experts=8, top_k=2, scoring_func="softmax", e_score_correction_bias=None),
+             dict(num_experts=8, top_k=2, scoring_func="sigmoid", e_score_correction_bias=torch.zeros(8),
+                  use_grouped_topk=True, num_expert_group=2, topk_group=1)]
+print(json.dumps({"cases": out, "unchanged": [cpu_routing_arguments(a) is a for a in unchanged]}))
+"""
+
+
+@pytest.mark.slow
+def test_plugin_cpu_routing_routes_as_transformers(vllm_python):
+    """vLLM's CPU router with the plugin's arguments (its grouped router, one group) picks the experts and weights of
+    transformers' MiniMax-M2 (sigmoid) and ERNIE-4.5 (softmax) routers, written out here: top-k of score + selection
+    bias, the chosen unbiased scores renormalised (also with one expert); with vLLM's own ungrouped arguments it
+    fails on sigmoid and picks other experts for softmax. Arguments that need no change pass through."""
+    done = subprocess.run([vllm_python, "-c", _CPU_ROUTING_SCRIPT], capture_output=True, text=True, timeout=300)
+    if "cannot import name 'cpu_routing_arguments'" in done.stderr or "No module named 'moe_compress_vllm'" in \
+            done.stderr:
+        pytest.skip(f"moe-compress's vLLM plugin is not installed (or is outdated) for {vllm_python}; rerun "
+                    "scripts/setup_vllm.sh")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["unchanged"] == [True, True]
+    for case in result["cases"]:
+        logits, bias = torch.tensor(case["logits"]), torch.tensor(case["bias"])
+        scores = logits.sigmoid() if case["scoring"] == "sigmoid" else logits.softmax(dim=-1)
+        ids = torch.topk(scores + bias, case["top_k"], dim=-1).indices.sort(dim=-1).values
+        weights = scores.gather(1, ids)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        theirs_ids, theirs_weights = case["plugin"]
+        assert torch.equal(torch.tensor(theirs_ids), ids), case["scoring"]
+        torch.testing.assert_close(torch.tensor(theirs_weights), weights, rtol=1e-6, atol=1e-6)
+        if case["experts"] > case["top_k"]:
+            if case["scoring"] == "sigmoid":
+                assert case["vllm"] == "AssertionError"
+            else:
+                assert not torch.equal(torch.tensor(case["vllm"][0]), ids), "vLLM's own CPU routing used the bias"
 
 
 # -- bad input (no vLLM needed) ---------------------------------------------------------------------------------------
@@ -633,19 +746,6 @@ def test_export_writes_the_routing_keys_vllm_reads(outputs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, name, fragment", [
-    ("minimax_m2", "minimax", "AssertionError: `assert self.scoring_func == \"softmax\"`"),
-    ("ernie4_5_moe", "ernie", "without the selection-only e_score_correction_bias"),
-])
-def test_serve_check_refuses_families_vllms_cpu_build_cannot_run(vllm_python, outputs, family, name, fragment, capsys):
-    """Outputs that pass the static checks, refused before vLLM starts when the vLLM is a CPU build."""
-    assert check_servable(outputs[name]).family == family
-    code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
-    assert_one_line_error(code, err, f"the CPU build of vLLM at {vllm_python} cannot serve {family} outputs",
-                          "vllm-cpu 0.32", fragment, "serve-check it with a GPU build of vLLM")
-
-
-@pytest.mark.slow
 def test_serve_check_runs_qwen3_next_in_bf16_on_vllms_cpu_build(vllm_python, outputs, capsys):
     """vLLM's CPU build runs Qwen3-Next's linear attention in bf16 only: serve-check runs it in bf16 and compares it
     with our fp32 implementation by the bf16 limits (mean |diff|, top-1 agreement); the serve command says bf16."""
@@ -660,6 +760,55 @@ def test_serve_check_runs_qwen3_next_in_bf16_on_vllms_cpu_build(vllm_python, out
     code, _, err = run_cli(["serve-check", outputs["qwen3next"], "--vllm-python", vllm_python, "--dtype", "float32"],
                            capsys)
     assert code == 1 and f"vLLM could not run {outputs['qwen3next']}" in err, err
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("minimax", "AssertionError: `assert self.scoring_func == \"softmax\"`"),
+    ("ernie", "without the selection-only e_score_correction_bias"),
+])
+def test_serve_check_refuses_cpu_routed_families_without_the_plugin(vllm_python, outputs, name, fragment,
+                                                                     monkeypatch, capsys):
+    """On vLLM's CPU build, MiniMax-M2 and ERNIE-4.5 outputs (uniform too) are refused before vLLM starts when the
+    plugin is left out, not installed, or does not register the family's CPU routing variant."""
+    if subprocess.run([vllm_python, "-c", "from importlib import metadata; metadata.version('vllm-cpu')"],
+                      capture_output=True, timeout=120).returncode != 0:
+        pytest.skip("not a CPU build of vLLM: it routes these families as transformers does without the plugin")
+    family = check_servable(outputs[name]).family
+    architecture = detect_family(json.loads((outputs[name] / "config.json").read_text())).vllm_architectures[0]
+    needs = f"the CPU build of vLLM at {vllm_python} routes {family} outputs as transformers does only with " \
+            "moe-compress's vLLM plugin"
+    monkeypatch.setenv("VLLM_PLUGINS", "")
+    code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, "vllm-cpu 0.32", fragment, needs, "VLLM_PLUGINS='' leaves it out",
+                          f"add {PLUGIN_ENTRY_POINT} to it")
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setattr("compressor.serving.check.plugin_state", lambda python: {"installed": False})
+    code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, fragment, needs, "pip install plugins/vllm")
+    monkeypatch.setattr("compressor.serving.check.plugin_state", lambda python: {
+        "installed": True, "enabled": True, "architectures": [f"{architecture}PerLayer"], "version": "0.0.1"})
+    code, _, err = run_cli(["serve-check", outputs[name], "--vllm-python", vllm_python], capsys)
+    assert_one_line_error(code, err, fragment, f"(moe-compress-vllm 0.0.1) does not register its CPU variant of "
+                          f"{architecture}", "(again, to update it)")
+
+
+@pytest.mark.slow
+def test_model_cards_of_cpu_routed_families_name_the_plugin(outputs):
+    note = "On vLLM's CPU build, install moe-compress's vLLM plugin there first"
+    for name in (*CPU_PLUGIN_ROUTED.values(), "qwen3"):
+        card = (outputs[name] / "README.md").read_text()
+        assert "Serve with vLLM: `vllm serve" in card, name
+        assert (note in card) is (name in CPU_PLUGIN_ROUTED.values()), name
+
+
+@pytest.mark.slow
+def test_serve_check_passes_on_a_cpu_routed_output_with_the_plugin(vllm_plugin, outputs, capsys):
+    code, out, err = run_cli(["serve-check", str(outputs["ernie"]), "--vllm-python", vllm_plugin], capsys)
+    assert code == 0, out + err
+    assert "ernie4_5_moe (model_type ernie4_5_moe), 4 routed experts in each of 2 MoE layers, top-2" in out
+    assert "Ernie4_5_MoeForCausalLM loaded" in out
+    assert float(out.split("max |diff| ")[1].split()[0]) <= TOLERANCE
+    assert f"--model {outputs['ernie']}" in out or f"vllm serve {outputs['ernie']}" in out
 
 
 @pytest.mark.slow

@@ -89,6 +89,9 @@ def write_basic_card(directory: Path, path_hint: str, family, config: dict, plan
     serve = (f"`vllm serve {path_hint}{flag}` (check it first: `moe-compress serve-check {path_hint}`)")
     if uniform:
         loading += ["", f"Serve with vLLM: {serve}."]
+        if family.vllm_cpu_plugin_routing:
+            loading[-1] += (" On vLLM's CPU build, install moe-compress's vLLM plugin there first "
+                            f"({PLUGIN_INSTALL}): that build routes {family.name} as transformers does only with it.")
     elif family.vllm_per_layer_architecture:
         loading += [
             "",

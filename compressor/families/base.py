@@ -120,8 +120,9 @@ class FamilyAdapter:
     vllm_cpu_workaround: ClassVar[tuple[str, str] | None] = None  # (--compilation-config for vLLM's CPU build, why)
     vllm_cpu_engine_args: ClassVar[dict] = {}  # engine arguments vLLM's CPU build needs for this family
     vllm_cpu_dtype: ClassVar[str | None] = None  # the dtype vLLM's CPU build must run the family in (None: any)
-    # why vLLM's CPU build cannot run this family's outputs as transformers does (serve-check refuses them there)
-    vllm_cpu_unsupported: ClassVar[str | None] = None
+    # why vLLM's CPU build routes this family's outputs as transformers does only with moe-compress's vLLM plugin (on
+    # the CPU platform it registers a variant of vllm_architectures[0] that routes through vLLM's grouped CPU router)
+    vllm_cpu_plugin_routing: ClassVar[str | None] = None
     # config.json values vLLM reads to route as transformers does (transformers' config class may not write them)
     vllm_routing_keys: ClassVar[dict] = {}
 

