@@ -9,7 +9,8 @@ which cut through a V3 MoE layer of 11 GB), then measures, each in a fresh proce
   1. `moe-compress export` (uniform plan keeping --keep-fraction of each layer's experts, top-1, compensation none;
      for a group-limited router such as V3's, the first --keep-fraction of every group, as the router requires);
   2. the baseline: a kernel copy (copy_file_range, as cp does) of exactly the bytes export keeps, from the same
-     source files, one fsync'ed file per output shard — the same bytes from the same state;
+     source files, one file per output shard, all fsync'ed at the end as export does — the same bytes from the same
+     state;
   3. `cp -r` of the exported output, alone and followed by `sync` (for reference);
   4. transformers: load the model + drop the experts + `save_pretrained` (the naive path, once; skipped for FP8
      checkpoints, which transformers dequantizes or refuses without a GPU, and with --no-naive).
@@ -68,15 +69,18 @@ model.save_pretrained(out, max_shard_size="5GB")
 _COPY_KEPT = """
 import json, os, sys
 plan = json.loads(open(sys.argv[1]).read())
+outputs = []
 for index, ranges in enumerate(plan):
-    with open(os.path.join(sys.argv[2], f"shard-{index}.bin"), "wb") as out:
-        for path, offset, count in ranges:
-            with open(path, "rb") as source:
-                done = 0
-                while done < count:
-                    done += os.copy_file_range(source.fileno(), out.fileno(), count - done, offset + done)
-        out.flush()
-        os.fsync(out.fileno())
+    out = open(os.path.join(sys.argv[2], f"shard-{index}.bin"), "wb")
+    for path, offset, count in ranges:
+        with open(path, "rb") as source:
+            done = 0
+            while done < count:
+                done += os.copy_file_range(source.fileno(), out.fileno(), count - done, offset + done)
+    outputs.append(out)
+for out in outputs:  # every shard fsync'ed at the end, as the export does
+    os.fsync(out.fileno())
+    out.close()
 """
 
 
