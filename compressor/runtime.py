@@ -212,21 +212,36 @@ class LayerwiseModel:
         self.check_memory()
 
     def check_memory(self) -> None:
-        """Refuse up front (UserError) when the largest decoder layer's weights alone, in the compute dtype, exceed
-        the device's free memory: materialising it would only end in an out-of-memory kill later."""
+        """Refuse up front (UserError) when materialising the largest decoder layer needs more than the device's free
+        memory, which would only end in an out-of-memory kill later. The lower bound checked: its parameters once as
+        read (in fp32 when dequantized from FP8 or MXFP4, else in their on-disk dtype) and once in the compute dtype."""
         import psutil
 
         sizes = [sum(t.numel() for t in self.layer(i).state_dict().values()) for i in range(self.num_layers)]
         layer = max(range(len(sizes)), key=sizes.__getitem__)
-        needed = sizes[layer] * torch.empty((), dtype=self.dtype).element_size()
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else \
-            psutil.virtual_memory().available
-        if needed > free:
-            dtype = str(self.dtype).removeprefix("torch.")
-            raise UserError(f"one decoder layer at a time still needs decoder layer {layer} whole: "
-                            f"{sizes[layer] / 1e9:.2f} G parameters in {dtype} are {needed / 2**30:.1f} GiB, but "
-                            f"{free / 2**30:.1f} GiB is free on {self.device}; use a device with more memory"
-                            + (" or --dtype bfloat16" if self.dtype == torch.float32 else ""))
+        source = self.tensors.source_layout
+        if source.block or source.mxfp4:
+            read, how = 4, "read in float32 (dequantized)"
+        else:
+            infos = [self.tensors.reader.info(n) for n in self.tensors.reader.names() if source.layer_of(n) == layer]
+            read = torch.empty((), dtype=max(infos, key=lambda i: i.nbytes).dtype).element_size() if infos else 0
+            how = "read as stored"
+        held = torch.empty((), dtype=self.dtype).element_size()
+        ram = psutil.virtual_memory().available
+        # (where, bytes needed, bytes free): read into RAM, held on the device (both in RAM on the CPU)
+        if self.device.type == "cuda":
+            checks = [("cpu", sizes[layer] * read, ram), (self.device, sizes[layer] * held,
+                                                          torch.cuda.mem_get_info(self.device)[0])]
+        else:
+            checks = [(self.device, sizes[layer] * (read + held), ram)]
+        dtype = str(self.dtype).removeprefix("torch.")
+        for where, needed, free in checks:
+            if needed > free:
+                raise UserError(f"one decoder layer at a time still needs decoder layer {layer} whole: its "
+                                f"{sizes[layer] / 1e9:.2f} G parameters, {how} and held in {dtype}, need at least "
+                                f"{needed / 2**30:.1f} GiB on {where}, but {free / 2**30:.1f} GiB is free there; use "
+                                "a machine with more memory"
+                                + (" or --dtype bfloat16" if self.dtype == torch.float32 else ""))
 
     @property
     def num_layers(self) -> int:
