@@ -19,7 +19,7 @@ _EXAMPLE = '{"custom_ops": ["all", "-rotary_embedding"]}'
 @click.option("--vllm-python", default=None, metavar="PATH",
               help="interpreter with vLLM (default: $MOE_COMPRESS_VLLM_PYTHON, this one, or .venv-vllm/bin/python)")
 @click.option("--compare/--no-compare", default=True, show_default=True,
-              help="compare vLLM's prompt logprobs with moe-compress's transformers implementation (fp32)")
+              help="compare vLLM's prompt logprobs with moe-compress's transformers implementation (limits by dtype)")
 @click.option("--tolerance", type=float, default=None,
               help="limit on max |logprob difference| for fp32 runs (default 1e-4), on the mean |difference| for "
                    "bf16 and quantized runs (defaults: README)")
