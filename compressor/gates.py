@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from compressor.errors import UserError
 
 
@@ -19,3 +22,16 @@ def parse_limits(text: str, usage: str) -> float | dict[str, float]:
     except ValueError:
         raise UserError(usage) from None
     return limits
+
+
+def check_limits(gate, what: str, requirement: str, accept: Callable[[float], bool] = lambda limit: True):
+    """`gate` as given (None, a number or {name: number}) when every limit is a finite number that `accept`s;
+    UserError "WHAT limit [for NAME] must be REQUIREMENT, not X" otherwise."""
+    if gate is None:
+        return None
+    for name, limit in (gate.items() if isinstance(gate, dict) else [("", gate)]):
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not math.isfinite(limit) \
+                or not accept(limit):
+            where = f" for {name}" if name else ""
+            raise UserError(f"{what} limit{where} must be {requirement}, not {limit!r}")
+    return gate

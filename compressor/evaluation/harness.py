@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compressor.errors import UserError
-from compressor.gates import parse_limits
+from compressor.gates import check_limits, parse_limits
 
 SHIPPED_TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -203,14 +202,7 @@ def parse_task_gate(text: str | None) -> float | dict[str, float] | None:
 
 def check_task_gate(gate):
     """A task gate as given (None, a number or {task: number}): every limit a finite number."""
-    if gate is None:
-        return None
-    for name, limit in (gate.items() if isinstance(gate, dict) else [("", gate)]):
-        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not math.isfinite(limit):
-            where = f" for {name}" if name else ""
-            raise UserError(f"task-drop limit{where} must be a finite number (e.g. 0.02: at most 2 points lower), "
-                            f"not {limit!r}")
-    return gate
+    return check_limits(gate, "task-drop", "a finite number (e.g. 0.02: at most 2 points lower)")
 
 
 def task_limits(gate, tasks) -> dict[str, float]:

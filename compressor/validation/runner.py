@@ -22,7 +22,7 @@ from compressor.data.batching import batches, token_sequences
 from compressor.data.sources import load_source
 from compressor.errors import UserError
 from compressor.families import open_checkpoint, quantization
-from compressor.gates import parse_limits
+from compressor.gates import check_limits, parse_limits
 from compressor.io.resolve import resolve_model
 from compressor.runtime import (
     CheckpointTensors, ForwardOptions, LayerwiseModel, load_tokenizer, resolve_device, resolve_dtype,
@@ -130,14 +130,8 @@ def parse_ppl_gate(text: str | None) -> float | dict[str, float] | None:
 
 def check_ppl_gate(gate):
     """A perplexity gate as given (None, a number or {domain: number}): every limit finite and > -1."""
-    if gate is None:
-        return None
-    for name, limit in (gate.items() if isinstance(gate, dict) else [("", gate)]):
-        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not math.isfinite(limit) or limit <= -1:
-            where = f" for {name}" if name else ""
-            raise UserError(f"perplexity-increase limit{where} must be a finite number above -1 (e.g. 0.05 for "
-                            f"+5%), not {limit!r}")
-    return gate
+    return check_limits(gate, "perplexity-increase", "a finite number above -1 (e.g. 0.05 for +5%)",
+                        lambda limit: limit > -1)
 
 
 def check_cosine_gate(limit: float | None) -> float | None:
