@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY = dict(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
@@ -102,3 +103,14 @@ def rtn(weight: torch.Tensor, scheme: str, group: int) -> tuple[torch.Tensor, to
     scale = (grouped.float().abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 0.5)).to(weight.dtype)
     q = torch.clamp(torch.round((grouped / scale).float()), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return (q * scale.float()).reshape(w.shape), scale.float().expand_as(grouped).reshape(w.shape)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while the module that imports this fixture runs: on a busy machine (or under
+    `pytest -n 2` on 2 cores) two threads made forwards many times slower (the Qwen3 reference's perplexity test:
+    96 s against 7 s); one is steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

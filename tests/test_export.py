@@ -33,7 +33,7 @@ from compressor.families import detect_family
 from compressor.modeling import DeepseekConfig, DeepseekForCausalLM
 from compressor.planning import Plan
 from compressor.profiling.schema import config_hash
-from helpers import run_cli, write_jsonl
+from helpers import one_thread, run_cli, write_jsonl  # noqa: F401  (one_thread: a fixture)
 
 MOE_LAYERS = (1, 2)
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
@@ -48,14 +48,6 @@ UNIFORM = {1: [0, 2, 5, 7], 2: [6, 1, 3, 2]}  # listed out of order on purpose
 NON_UNIFORM = {1: [6, 1, 3], 2: [7, 0, 4, 2, 5]}
 SOURCE_SHARD = "20KB"  # small enough that decoder layers straddle shard files
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- building checkpoints, plans and reading safetensors by hand -------------------------------------------------

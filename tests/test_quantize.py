@@ -18,18 +18,10 @@ from safetensors import safe_open
 
 import compressor  # noqa: F401  registers the DeepSeekMoE classes
 from compressor.quantize import QuantizeOptions, quantize_checkpoint
-from helpers import rtn, run_cli, write_jsonl
+from helpers import one_thread, rtn, run_cli, write_jsonl  # noqa: F401  (one_thread: a fixture)
 from test_serving import KEEP16, REFERENCE, export, hand_plan, prompts, shared, vllm_python  # noqa: F401  (a fixture)
 
 GROUP = 16  # divides the reference model's widths (160, 48, 96, 640)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _make_outputs(root: Path) -> dict[str, str]:

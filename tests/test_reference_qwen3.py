@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compressor.data import DEMO_DOMAINS, demo_documents
+from helpers import one_thread  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "models" / "reference-qwen3"
@@ -23,16 +24,6 @@ SEQ_LEN = 256
 EVAL_TOKENS = 8192  # a short slice; the log's value is over the first 16384 (LOG_EVAL_TOKENS)
 LOG_EVAL_TOKENS = 16384
 NUM_EXPERTS, TOP_K = 128, 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while this module runs: on a busy machine (or under `pytest -n 2` on 2 cores) two
-    threads made these forwards over 10x slower (96 s against 7 s for the perplexity test); one is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
