@@ -660,17 +660,23 @@ def assert_layerwise_profile_counts_as_whole(source, rows, tmp_path, capsys):
     assert profiles[0] == profiles[1]
 
 
-def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_path, capsys):
-    model, directory = checkpoints["deepseek_v3"]
-    source = fp8_copy(directory, tmp_path / "fp8")
-    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
-    # profiling layer by layer (dequantized here, block by block) counts what the whole model (transformers) routes
+def profile_and_export_quantized(model, source: Path, rows, tmp_path, capsys):
+    """For a quantized copy `source` of `model`: checks that profiling it layer by layer (dequantized on the fly)
+    counts what the whole model (transformers, dequantizing on load) routes, then exports it with keep_for(model)
+    at top-1. Returns (transformers' own dequantized model, the kept experts, the plan, the output)."""
+    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     assert_layerwise_profile_counts_as_whole(source, rows, tmp_path, capsys)
-
     keep, out = keep_for(model), tmp_path / "out"
     plan = write_plan(source, tmp_path / "plan.json", keep, 1)
     code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
     assert code == 0, err
+    return dequantized, keep, plan, out
+
+
+def test_fp8_checkpoint_scales_travel_with_their_experts(checkpoints, rows, tmp_path, capsys):
+    model, directory = checkpoints["deepseek_v3"]
+    source = fp8_copy(directory, tmp_path / "fp8")
+    dequantized, keep, plan, out = profile_and_export_quantized(model, source, rows, tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["quantization_config"] == FP8
     original, output = disk(source), disk(out)
     for layer, kept in keep.items():
@@ -762,13 +768,7 @@ def mxfp4_checkpoint(target: Path):
 
 def test_mxfp4_blocks_and_scales_are_sliced_along_the_expert_axis(rows, tmp_path, capsys):
     model, source = mxfp4_checkpoint(tmp_path / "mxfp4")
-    dequantized = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()  # transformers' own
-    assert_layerwise_profile_counts_as_whole(source, rows, tmp_path, capsys)
-
-    keep, out = keep_for(model), tmp_path / "out"
-    plan = write_plan(source, tmp_path / "plan.json", keep, 1)
-    code, _, err = run_cli(["export", source, plan, "-o", out, "--no-validate"], capsys)
-    assert code == 0, err
+    dequantized, keep, plan, out = profile_and_export_quantized(model, source, rows, tmp_path, capsys)
     original, output = disk(source), disk(out)
     for layer, kept in keep.items():
         for part in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales",
