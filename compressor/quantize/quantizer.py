@@ -146,8 +146,9 @@ def quantize_checkpoint(source: Path, output: Path, options: QuantizeOptions) ->
     if options.validation is not None:
         from compressor.export.exporter import check_gates_can_run, check_tasks_can_run
 
-        check_gates_can_run(_validation_options(source, options))
-        check_tasks_can_run(_validation_options(source, options))
+        validation = _validation_options(source, options)
+        check_gates_can_run(validation)
+        check_tasks_can_run(validation)
     check_output_location(source, output, options.overwrite)
     checkpoint = open_checkpoint(source)
     try:
@@ -175,6 +176,7 @@ def _quantize(checkpoint, source: Path, output: Path, scheme, options: QuantizeO
                             f"({reader.info(ragged[0]).shape[1]} columns); choose a divisor of every layer's width")
     fmt = infer_module_format(torch.nn.Linear, scheme)
     compressor = BaseCompressor.get_value_from_registry(fmt.value)
+
     def compressed(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         if weight.device.type == "meta":  # planning: the compressor gives the output tensors' shapes and dtypes
             rows, columns = weight.shape
