@@ -57,12 +57,17 @@ def run_options(purpose: str):
 
         return "run", RunOptions(**{k: kwargs.pop(k) for k in ("seq_len", "batch_size", "device", "dtype")})
 
-    return _grouped([
+    return _grouped(_compute_options(f"cpu, cuda, cuda:N or auto ({purpose})", f"compute dtype ({purpose})"), build)
+
+
+def _compute_options(device_help: str, dtype_help: str) -> list:
+    """--seq-len, --batch-size, --device and --dtype: how models run over text (RunOptions, ForwardOptions)."""
+    return [
         click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option("--device", default="auto", show_default=True, help=f"cpu, cuda, cuda:N or auto ({purpose})"),
-        click.option("--dtype", default="float32", show_default=True, help=f"compute dtype ({purpose})"),
-    ], build)
+        click.option("--device", default="auto", show_default=True, help=device_help),
+        click.option("--dtype", default="float32", show_default=True, help=dtype_help),
+    ]
 
 
 def output_validation_options(compared: str):
@@ -103,7 +108,7 @@ def output_validation_options(compared: str):
 
 
 def forward_options(layerwise_help: str = "hold one decoder layer in memory at a time (models larger than RAM)"):
-    """--seq-len, --batch-size, --dtype, --device, --layerwise and --text-field, handed to the command as one
+    """--seq-len, --batch-size, --device, --dtype, --layerwise and --text-field, handed to the command as one
     `forward` argument (`runtime.ForwardOptions`)."""
 
     def build(kwargs):
@@ -113,10 +118,7 @@ def forward_options(layerwise_help: str = "hold one decoder layer in memory at a
                                                                        "layerwise", "text_field")})
 
     return _grouped([
-        click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16"),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto"),
+        *_compute_options("cpu, cuda, cuda:N or auto", "float32, bfloat16 or float16"),
         click.option("--layerwise", is_flag=True, help=layerwise_help),
         click.option("--text-field", default="text", show_default=True, help="text field of .jsonl/.parquet/hf: rows"),
     ], build)
